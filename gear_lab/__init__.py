@@ -1,0 +1,48 @@
+"""gear-lab: observe what KV-cache compression (GEAR, KIVI, ...) does to real model tensors.
+
+The public API, and only that. Data flows one way:
+model -> capture -> dump -> compress -> metrics -> sweep -> app / notebooks.
+
+Names are imported lazily so that ``import gear_lab`` (and the CLI's ``--help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "load_model": "gear_lab.models",
+    "list_models": "gear_lab.models",
+    "capture_dump": "gear_lab.dump",
+    "open_dump": "gear_lab.dump",
+    "Dump": "gear_lab.dump",
+    "compress": "gear_lab.compress",
+    "Compressed": "gear_lab.compress",
+    "TensorCompression": "gear_lab.compress",
+    "CompressionConfig": "gear_lab.compress",
+    "get_preset": "gear_lab.compress",
+    "list_presets": "gear_lab.compress",
+    "sweep": "gear_lab.sweep",
+    "GearCache": "gear_lab.cache",
+    "check_generation": "gear_lab.fidelity",
+    "perplexity_check": "gear_lab.fidelity",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gear_lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
