@@ -1,7 +1,9 @@
 """Command-line entry points: argument parsing only; every command calls the public API.
 
-``gear-lab`` is a command group; each subcommand lives in its own module of this package,
-which exposes ``register(subparsers)`` and sets ``func`` on its parser. Errors that a user can
+``gear-lab`` is a command group; each subcommand lives in its own public module of this
+package (found by name, so adding a command is adding a file), which exposes
+``register(subparsers)`` and sets ``func`` on its parser. ``capture.py`` is the separate
+``gear-capture`` entry point; modules starting with ``_`` hold shared argument helpers. Errors that a user can
 cause (:class:`gear_lab.errors.GearLabError`) print one line on stderr and exit with code 2.
 """
 
@@ -9,13 +11,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 
 from gear_lab.errors import GearLabError
 
-# Subcommand modules of ``gear-lab``, in the order they appear in ``--help``.
-_COMMAND_MODULES: tuple[str, ...] = ("info",)
+
+def _command_modules() -> list[str]:
+    """Subcommand modules of ``gear-lab``, in alphabetical order."""
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(__path__)
+        if not info.name.startswith("_") and info.name != "capture"
+    )
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -43,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gear-lab {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    for name in _command_modules():
         importlib.import_module(f"gear_lab.cli.{name}").register(sub)
     return parser
 
