@@ -1,0 +1,84 @@
+"""``gear-lab app [DUMP]``: open the Streamlit studio (``app/studio.py``) on a dump.
+
+The studio is served headless on 127.0.0.1 unless ``--host`` says otherwise; the dump path
+reaches the app through the ``GEAR_LAB_DUMP`` environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gear_lab.errors import GearLabError
+
+DUMP_ENV = "GEAR_LAB_DUMP"
+
+
+def studio_script() -> Path:
+    """``app/studio.py`` of the source checkout gear-lab is installed from (``pip install -e``)."""
+    import gear_lab
+
+    script = Path(gear_lab.__file__).resolve().parent.parent / "app" / "studio.py"
+    if not script.is_file():
+        raise GearLabError(
+            f"studio not found at {script}: `gear-lab app` needs the source checkout "
+            "installed with `pip install -e .`"
+        )
+    return script
+
+
+def streamlit_command(script: Path, *, host: str, port: int, max_upload_mb: int) -> list[str]:
+    """The ``streamlit run`` command line serving ``script`` headless on ``host:port``."""
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        f"--server.address={host}",
+        f"--server.port={port}",
+        "--server.headless=true",
+        f"--server.maxUploadSize={max_upload_mb}",
+        "--browser.gatherUsageStats=false",
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the dump (same reader and errors as the library), then serve the studio."""
+    env = dict(os.environ)
+    if args.dump is not None:
+        from gear_lab.dump import open_dump
+
+        with open_dump(args.dump) as dump:
+            print(dump.summary())
+        env[DUMP_ENV] = str(Path(args.dump).resolve())
+    if not 1 <= args.port <= 65535:
+        raise GearLabError(f"--port must be in 1..65535, got {args.port}")
+    cmd = streamlit_command(
+        studio_script(), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb
+    )
+    print(f"gear-lab studio on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``app`` subcommand."""
+    p = subparsers.add_parser(
+        "app",
+        help="open the Streamlit studio on a dump",
+        description="Serve the gear-lab studio (Streamlit) headless; open the printed URL.",
+    )
+    p.add_argument(
+        "dump", nargs="?", type=Path, help="HDF5 dump to open (default: pick in the app)"
+    )
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, local only)"
+    )
+    p.add_argument(
+        "--max-upload-mb", type=int, default=200, help="largest dump upload accepted (MB)"
+    )
+    p.set_defaults(func=run)
