@@ -1,0 +1,347 @@
+"""Error metrics and tensor statistics for KV-cache compression (pure tensor functions).
+
+Every function takes tensors on any device and works there; sums are accumulated in float64.
+Layout: ``[batch, kv_heads, seq, head_dim]`` (queries ``[batch, heads, seq, head_dim]``).
+
+- Reconstruction: relative Frobenius error, max absolute error, cosine similarity and SNR of
+  ``x_hat`` against ``x`` (GEAR, Kang et al. 2024, reports the first), whole or per index.
+- Attention: how a compressed K or V changes causal softmax attention, with the grouped-query
+  head mapping of transformers' ``repeat_kv``.
+- Spectra: singular values of ``[seq, head_dim]`` matrices and the energy captured per rank, the
+  quantity GEAR's low-rank term ``L`` exploits in the quantization residual.
+- Outliers: per-channel / per-token magnitude statistics (KIVI, Liu et al. 2024: key outliers sit
+  in fixed channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from gear_lab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gear_lab.compress import CompressionConfig, TensorCompression
+
+__all__ = [
+    "AttentionReference",
+    "attention_error",
+    "attention_reference",
+    "energy_curve",
+    "outlier_stats",
+    "quantization_residual",
+    "rank_for_energy",
+    "reconstruction",
+    "reconstruction_profile",
+    "singular_values",
+]
+
+# dimension kept by each profile of a [batch, kv_heads, seq, head_dim] tensor
+_PROFILE_DIM = {"head": 1, "token": 2, "channel": 3}
+
+
+def _check_float(name: str, x: torch.Tensor, ndim: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ConfigError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ConfigError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+
+
+def _check_pair(x: torch.Tensor, x_hat: torch.Tensor, ndim: int | None = None) -> None:
+    _check_float("x", x, ndim)
+    _check_float("x_hat", x_hat, ndim)
+    if x.shape != x_hat.shape:
+        raise ConfigError(f"x_hat shape {tuple(x_hat.shape)} differs from x shape {tuple(x.shape)}")
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, zero_zero: float) -> torch.Tensor:
+    """``num / den`` with ``0 / 0 -> zero_zero`` and ``x / 0 -> inf`` (no NaN from exact zeros)."""
+    out = num / torch.where(den == 0, torch.ones_like(den), den)
+    out = torch.where((den == 0) & (num != 0), torch.full_like(out, math.inf), out)
+    return torch.where((den == 0) & (num == 0), torch.full_like(out, zero_zero), out)
+
+
+def _reconstruction(
+    x: torch.Tensor, x_hat: torch.Tensor, dims: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """The four reconstruction metrics, reducing ``dims`` (float64)."""
+    x64, h64 = x.double(), x_hat.double()
+    err = h64 - x64
+    err2 = err.square().sum(dims)
+    ref2 = x64.square().sum(dims)
+    hat2 = h64.square().sum(dims)
+    dot = (x64 * h64).sum(dims)
+    cos_den = (ref2 * hat2).sqrt()
+    # two all-zero tensors agree perfectly; one zero tensor against a non-zero one has cosine 0
+    cosine = torch.where((ref2 == 0) & (hat2 == 0), torch.ones_like(dot), _ratio(dot, cos_den, 0.0))
+    return {
+        "rel_fro": _ratio(err2, ref2, 0.0).sqrt(),
+        "max_abs": err.abs().amax(dims),
+        "cosine": cosine,
+        "snr_db": 10.0 * torch.log10(_ratio(ref2, err2, math.inf)),
+    }
+
+
+def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+    """Reconstruction error of ``x_hat`` against ``x`` (any equal shapes).
+
+    Returns ``rel_fro`` = ||x_hat - x||_F / ||x||_F, ``max_abs`` = max |x_hat - x|, ``cosine``
+    (of the flattened tensors) and ``snr_db`` = 10 log10(||x||^2 / ||x_hat - x||^2); an exact
+    reconstruction gives rel_fro 0 and snr_db inf.
+    """
+    _check_pair(x, x_hat)
+    dims = tuple(range(x.dim()))
+    return {k: float(v) for k, v in _reconstruction(x, x_hat, dims).items()}
+
+
+def reconstruction_profile(
+    x: torch.Tensor, x_hat: torch.Tensor, by: Literal["channel", "token", "head"] = "channel"
+) -> dict[str, torch.Tensor]:
+    """The metrics of :func:`reconstruction` per channel, token or head (float64 tensors).
+
+    ``x``, ``x_hat``: ``[batch, kv_heads, seq, head_dim]``. Returns tensors of shape
+    ``[head_dim]``, ``[seq]`` or ``[kv_heads]``; each entry pools every other axis.
+    """
+    if by not in _PROFILE_DIM:
+        raise ConfigError(f"by must be one of {sorted(_PROFILE_DIM)}, got {by!r}")
+    _check_pair(x, x_hat, ndim=4)
+    dims = tuple(d for d in range(4) if d != _PROFILE_DIM[by])
+    return _reconstruction(x, x_hat, dims)
+
+
+@dataclass(frozen=True)
+class AttentionReference:
+    """Exact causal attention of one layer, computed once and compared against many K/V variants.
+
+    Queries are grouped by KV head: ``q`` of ``[batch, heads, seq, d]`` is viewed as
+    ``[batch, kv_heads, group, seq, d]`` so that query head ``h`` reads KV head
+    ``h // group`` (transformers' ``repeat_kv``). All tensors are float64.
+    """
+
+    q: torch.Tensor  # [batch, kv_heads, group, seq, d]
+    k: torch.Tensor  # [batch, kv_heads, seq, d]
+    v: torch.Tensor  # [batch, kv_heads, seq, d]
+    scaling: float
+    mask: torch.Tensor  # [seq, seq] bool, True where query i may attend key j
+    scores: torch.Tensor  # [batch, kv_heads, group, seq, seq], masked entries -inf
+    log_probs: torch.Tensor  # same shape; masked entries -inf
+    output: torch.Tensor  # [batch, kv_heads, group, seq, d]
+
+    def error(
+        self,
+        k_hat: torch.Tensor | None = None,
+        v_hat: torch.Tensor | None = None,
+        kv_heads: slice | None = None,
+    ) -> dict[str, float]:
+        """Attention error when ``k_hat`` / ``v_hat`` replace the exact K / V (None: exact).
+
+        ``kv_heads`` restricts the comparison to those KV heads (and their query heads); the
+        replacements then hold only those heads. See :func:`attention_error` for the metrics.
+        """
+        sel = slice(None) if kv_heads is None else kv_heads
+        k, v, q = self.k[:, sel], self.v[:, sel], self.q[:, sel]
+        for name, new, old in (("k_hat", k_hat, k), ("v_hat", v_hat, v)):
+            if new is not None:
+                _check_float(name, new, ndim=4)
+                if new.shape != old.shape:
+                    raise ConfigError(
+                        f"{name} shape {tuple(new.shape)} differs from the reference {tuple(old.shape)}"
+                    )
+        scores = self.scores[:, sel]
+        log_probs = self.log_probs[:, sel]
+        output = self.output[:, sel]
+        if k_hat is None:
+            scores_hat, log_hat = scores, log_probs
+        else:
+            scores_hat = _scores(q, k_hat.to(q), self.scaling, self.mask)
+            log_hat = torch.log_softmax(scores_hat, dim=-1)
+        v_used = v if v_hat is None else v_hat.to(v)
+        out_hat = torch.matmul(log_hat.exp(), v_used.unsqueeze(2))
+
+        mask = self.mask
+        diff = torch.where(mask, scores_hat - scores, 0.0)
+        ref = torch.where(mask, scores, 0.0)
+        probs = log_probs.exp()
+        # KL(p || p_hat) per query row; masked keys have p = 0 and contribute nothing
+        kl_terms = torch.where(mask, probs * (log_probs - log_hat), 0.0)
+        tv_terms = torch.where(mask, (probs - log_hat.exp()).abs(), 0.0)
+        out_err2 = (out_hat - output).square().sum()
+        return {
+            "score_rel": float(_ratio(diff.square().sum(), ref.square().sum(), 0.0).sqrt()),
+            "kl": float(kl_terms.sum(-1).mean()),
+            "tv": float(0.5 * tv_terms.sum(-1).mean()),
+            "output_rel": float(_ratio(out_err2, output.square().sum(), 0.0).sqrt()),
+        }
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor) -> torch.Tensor:
+    """Masked scores ``[batch, kv_heads, group, seq, seq]`` from grouped ``q`` and ``k``."""
+    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scaling
+    return scores.masked_fill(~mask, -math.inf)
+
+
+def _attention_mask(seq: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """[seq, seq] bool: key j is visible from query i when j <= i and i - j < sliding_window."""
+    i = torch.arange(seq, device=device)[:, None]
+    j = torch.arange(seq, device=device)[None, :]
+    mask = j <= i
+    if sliding_window is not None:
+        mask &= (i - j) < sliding_window
+    return mask
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> AttentionReference:
+    """Precompute exact causal attention for repeated comparisons (see :func:`attention_error`)."""
+    _check_float("q", q, ndim=4)
+    _check_float("k", k, ndim=4)
+    _check_float("v", v, ndim=4)
+    if k.shape != v.shape:
+        raise ConfigError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
+    b, heads, seq, d = q.shape
+    kb, kv_heads, kseq, kd = k.shape
+    if (kb, kseq, kd) != (b, seq, d):
+        raise ConfigError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, seq or head_dim"
+        )
+    if heads % kv_heads:
+        raise ConfigError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    if sliding_window is not None and sliding_window < 1:
+        raise ConfigError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    scale = d**-0.5 if scaling is None else float(scaling)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"scaling must be a positive finite number, got {scaling}")
+    q64 = q.double().reshape(b, kv_heads, heads // kv_heads, seq, d)
+    k64, v64 = k.double(), v.double()
+    mask = _attention_mask(seq, sliding_window, q.device)
+    scores = _scores(q64, k64, scale, mask)
+    log_probs = torch.log_softmax(scores, dim=-1)
+    output = torch.matmul(log_probs.exp(), v64.unsqueeze(2))
+    return AttentionReference(q64, k64, v64, scale, mask, scores, log_probs, output)
+
+
+def attention_error(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_hat: torch.Tensor,
+    v_hat: torch.Tensor,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+) -> dict[str, float]:
+    """How compressed K/V change causal softmax attention (float64 throughout).
+
+    ``q``: ``[batch, heads, seq, d]``; ``k``, ``v``, ``k_hat``, ``v_hat``:
+    ``[batch, kv_heads, seq, d]``; query head ``h`` reads KV head ``h // (heads // kv_heads)``.
+    Scores are ``q k^T * scaling`` (default ``d ** -0.5``) over causal positions (key ``j <= i``,
+    and ``i - j < sliding_window`` when given, as transformers' sliding-window mask).
+
+    Returns ``score_rel`` (relative Frobenius error of the scores over visible positions),
+    ``kl`` (mean over query rows of KL(p_exact || p_hat)), ``tv`` (mean total variation
+    ``0.5 * sum |p - p_hat|``) and ``output_rel`` (relative Frobenius error of
+    ``softmax(scores) v``).
+    """
+    ref = attention_reference(q, k, v, scaling=scaling, sliding_window=sliding_window)
+    return ref.error(k_hat, v_hat)
+
+
+def singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values of each ``[seq, head_dim]`` matrix of ``x`` (``[..., seq, head_dim]``).
+
+    Returns float64 ``[..., min(seq, head_dim)]``, descending.
+    """
+    _check_float("x", x)
+    if x.dim() < 2:
+        raise ConfigError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
+    return torch.linalg.svdvals(x.double())
+
+
+def energy_curve(sv: torch.Tensor) -> torch.Tensor:
+    """Share of ``sum(sv ** 2)`` captured by the best rank-r approximation, r = 1..k.
+
+    ``sv``: ``[..., k]`` singular values (descending). Returns float64 ``[..., k]`` whose entry
+    ``r - 1`` is the share at rank r (Eckart-Young); an all-zero matrix counts as fully captured.
+    """
+    _check_float("sv", sv)
+    if sv.dim() < 1 or sv.shape[-1] == 0:
+        raise ConfigError(f"sv must hold at least one singular value, got shape {tuple(sv.shape)}")
+    if bool((sv < 0).any()):
+        raise ConfigError("singular values must be non-negative")
+    energy = sv.double().square().cumsum(-1)
+    total = energy[..., -1:]
+    return _ratio(energy, total.expand_as(energy), 1.0)
+
+
+def rank_for_energy(sv: torch.Tensor, share: float) -> int | torch.Tensor:
+    """Smallest rank whose approximation captures ``share`` of the energy (``0 <= share <= 1``).
+
+    ``sv``: ``[k]`` -> int; ``[..., k]`` -> LongTensor ``[...]``. A share of 0 needs rank 0.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"share must lie in [0, 1], got {share}")
+    curve = energy_curve(sv)
+    reached = curve >= share - 1e-12  # tolerate float rounding of the final cumulative sum
+    rank = reached.long().argmax(-1) + 1  # the last entry is 1, so some rank always reaches
+    if share == 0.0:
+        rank = torch.zeros_like(rank)
+    return int(rank) if rank.dim() == 0 else rank
+
+
+def quantization_residual(
+    x: torch.Tensor,
+    config: TensorCompression | CompressionConfig,
+    kind: str = "keys",
+) -> torch.Tensor:
+    """The residual GEAR's low-rank term approximates: ``x - (D + S)`` (Kang et al. 2024, eq. 4).
+
+    ``x``: ``[batch, kv_heads, seq, head_dim]``; ``config`` (its ``kind`` side when a
+    :class:`CompressionConfig`) is applied with ``rank=0``, so D is its quantized backbone and S
+    its kept outliers. Returns a tensor like ``x`` (its singular values are the residual spectrum).
+    """
+    from gear_lab.compress import CompressionConfig, compress
+
+    _check_float("x", x, ndim=4)
+    tc = config.for_kind(kind) if isinstance(config, CompressionConfig) else config
+    backbone = compress(x, dataclasses.replace(tc, rank=0)).decompress()
+    return x - backbone.to(x.dtype)
+
+
+def outlier_stats(
+    x: torch.Tensor, by: Literal["channel", "token"] = "channel", k_sigma: float = 3.0
+) -> dict[str, torch.Tensor]:
+    """Magnitude statistics of each channel (over tokens) or token (over channels) vector.
+
+    ``x``: ``[..., seq, head_dim]``. Returns float64 tensors ``[..., head_dim]`` (by channel) or
+    ``[..., seq]`` (by token): ``max_abs``; ``kurtosis``, the *excess* kurtosis
+    ``E[(x - mu)^4] / sigma^4 - 3`` (0 for a Gaussian, NaN for a constant vector); and
+    ``share_beyond``, the share of entries with ``|x - mu| > k_sigma * sigma`` (population sigma).
+    """
+    if by not in ("channel", "token"):
+        raise ConfigError(f"by must be 'channel' or 'token', got {by!r}")
+    _check_float("x", x)
+    if x.dim() < 2:
+        raise ConfigError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
+    if not (math.isfinite(k_sigma) and k_sigma > 0):
+        raise ConfigError(f"k_sigma must be a positive number, got {k_sigma}")
+    dim = -2 if by == "channel" else -1
+    x64 = x.double()
+    centred = x64 - x64.mean(dim, keepdim=True)
+    var = centred.square().mean(dim)
+    m4 = centred.pow(4).mean(dim)
+    sigma = var.sqrt().unsqueeze(dim)
+    return {
+        "max_abs": x64.abs().amax(dim),
+        "kurtosis": m4 / var.square() - 3.0,
+        "share_beyond": (centred.abs() > k_sigma * sigma).double().mean(dim),
+    }
