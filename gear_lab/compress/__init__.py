@@ -1,0 +1,44 @@
+"""KV-cache compression methods: GEAR (Kang et al. 2024) ``X_hat = D + L + S`` and its
+neighbours (KIVI, KCVT, FP8), one building block per module, composed in :mod:`.gear` and
+named in :mod:`.presets`. Tensors are ``[batch, kv_heads, seq, head_dim]``.
+"""
+
+from gear_lab.compress.fp8 import Fp8Tensor, fp8_quantize
+from gear_lab.compress.gear import Compressed, compress, compress_ranks
+from gear_lab.compress.lowrank import LowRank, lowrank, power_lowrank, svd_lowrank
+from gear_lab.compress.outliers import Outliers, extract_outliers, index_dtype, outlier_count
+from gear_lab.compress.presets import (
+    CompressionConfig,
+    TensorCompression,
+    get_preset,
+    list_presets,
+)
+from gear_lab.compress.quantize import Quantized, pack_codes, quantize, unpack_codes
+from gear_lab.compress.rotation import hadamard_rotation, rotate, unrotate
+
+__all__ = [
+    "Compressed",
+    "CompressionConfig",
+    "Fp8Tensor",
+    "LowRank",
+    "Outliers",
+    "Quantized",
+    "TensorCompression",
+    "compress",
+    "compress_ranks",
+    "extract_outliers",
+    "fp8_quantize",
+    "get_preset",
+    "hadamard_rotation",
+    "index_dtype",
+    "list_presets",
+    "lowrank",
+    "outlier_count",
+    "pack_codes",
+    "power_lowrank",
+    "quantize",
+    "rotate",
+    "svd_lowrank",
+    "unpack_codes",
+    "unrotate",
+]

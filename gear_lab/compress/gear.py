@@ -1,0 +1,276 @@
+"""GEAR composition ``X_hat = D + L + S`` (Kang et al. 2024) and the :class:`Compressed` container.
+
+Inputs are ``[batch, kv_heads, seq, head_dim]`` (any ``[..., seq, head_dim]`` works the same
+way: leading dimensions are independent matrices), any float dtype, CPU or CUDA. Order:
+optional rotation of head_dim; outliers ``S`` picked and removed; the backbone ``D`` quantized
+with statistics that exclude outlier positions; the low rank ``L`` fitted to the residual
+``X - D`` at non-outlier positions; reconstruction ``where(outlier, S, D + L)``.
+
+Block-wise streaming (``CompressionConfig.block_size = n_b``): each block of ``n_b`` tokens is
+compressed once with its own statistics and low rank (blocks are batched as an extra leading
+dimension); a trailing partial block is kept in full precision and reported as such.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from gear_lab.compress.fp8 import Fp8Tensor, fp8_quantize
+from gear_lab.compress.lowrank import LowRank, power_lowrank, svd_lowrank
+from gear_lab.compress.outliers import Outliers, extract_outliers, outlier_count
+from gear_lab.compress.presets import CompressionConfig, TensorCompression
+from gear_lab.compress.quantize import Quantized, compute_dtype, group_dim, quantize
+from gear_lab.compress.rotation import rotate, unrotate
+from gear_lab.errors import ConfigError, TensorError
+
+# tensors() name -> bytes_by_part() part
+_PARTS = {
+    "codes": "codes",
+    "scale": "scales",
+    "zero": "scales",
+    "outlier_values": "outliers",
+    "outlier_indices": "outliers",
+    "lowrank_left": "lowrank",
+    "lowrank_right": "lowrank",
+    "full_precision": "full_precision",
+}
+PARTS = ("codes", "scales", "outliers", "lowrank", "full_precision")
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """What a compressed cache keeps for one ``[batch, kv_heads, seq, head_dim]`` tensor.
+
+    ``body_shape``: the shape of the compressed leading tokens as the building blocks saw
+    them (``[..., seq, d]``, or ``[..., n_blocks, n_b, d]`` block-wise; ``None`` when nothing
+    is compressed); ``full_precision``: the tokens kept as they are (``[..., rest, d]``).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    config: TensorCompression
+    block_size: int | None
+    body_shape: torch.Size | None
+    base: Quantized | Fp8Tensor | None = None
+    outliers: Outliers | None = None
+    lowrank: LowRank | None = None
+    full_precision: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        """Entries of the original tensor."""
+        return math.prod(self.shape)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Exactly the tensors kept (names are keys of the part table of :meth:`bytes_by_part`)."""
+        kept: dict[str, Tensor] = {}
+        for piece in (self.base, self.outliers, self.lowrank):
+            if piece is not None:
+                kept.update(piece.tensors())
+        if self.full_precision is not None:
+            kept["full_precision"] = self.full_precision
+        return kept
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept, summed over :meth:`tensors`."""
+        return sum(t.nbytes for t in self.tensors().values())
+
+    @property
+    def bits_per_entry(self) -> float:
+        """``8 * nbytes / numel``."""
+        return 8 * self.nbytes / self.numel
+
+    def bytes_by_part(self) -> dict[str, int]:
+        """Bytes per part: ``codes``, ``scales``, ``outliers``, ``lowrank``, ``full_precision``."""
+        sizes = dict.fromkeys(PARTS, 0)
+        for name, tensor in self.tensors().items():
+            sizes[_PARTS[name]] += tensor.nbytes
+        return sizes
+
+    def _body(self) -> Tensor:
+        """Reconstruction of the compressed tokens, ``body_shape``, in the compute dtype."""
+        work = compute_dtype(self.dtype)
+        if self.base is not None:
+            y = self.base.dequantize(work)
+        else:
+            y = torch.zeros(self.body_shape, dtype=work, device=self.device)
+        if self.lowrank is not None:
+            y = y + self.lowrank.product(work)
+        if self.outliers is not None:
+            y = self.outliers.scatter_into(y)
+        if self.config.rotate:
+            y = unrotate(y, self.config.seed)
+        return y
+
+    def _join(self, body: Tensor | None, rest: Tensor | None) -> Tensor:
+        """Concatenate the body (reshaped to ``[..., tokens, d]``) and the full-precision rest."""
+        pieces = [] if body is None else [body.reshape(*self.shape[:-2], -1, self.shape[-1])]
+        pieces += [] if rest is None else [rest]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -2)
+
+    def decompress(self) -> Tensor:
+        """``X_hat`` with the shape, dtype and device of the input."""
+        body = None if self.body_shape is None else self._body().to(self.dtype)
+        return self._join(body, self.full_precision)
+
+    def outlier_mask(self) -> Tensor:
+        """Bool like the input: true where an outlier is kept (in rotated coordinates when
+        ``rotate`` is on)."""
+        body = None
+        if self.body_shape is not None:
+            body = torch.zeros(self.body_shape, dtype=torch.bool, device=self.device)
+            if self.outliers is not None:
+                body = self.outliers.mask()
+        rest = None
+        if self.full_precision is not None:
+            rest = torch.zeros_like(self.full_precision, dtype=torch.bool)
+        return self._join(body, rest)
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TensorError("compress needs a floating-point torch.Tensor")
+    if x.dim() < 2 or x.numel() == 0:
+        raise TensorError(
+            f"compress needs a non-empty [batch, kv_heads, seq, head_dim] tensor, got {tuple(x.shape)}"
+        )
+    if not torch.isfinite(x).all():
+        raise TensorError("input holds NaN or Inf values")
+
+
+def _split(x: Tensor, block_size: int | None) -> tuple[Tensor | None, Tensor | None]:
+    """``(body, rest)``: full blocks as ``[..., n_blocks, n_b, d]`` and the trailing tokens."""
+    if block_size is None:
+        return x, None
+    seq = x.shape[-2]
+    blocks = seq // block_size
+    used = blocks * block_size
+    body = x[..., :used, :].unflatten(-2, (blocks, block_size)) if blocks else None
+    rest = x[..., used:, :] if used < seq else None
+    return body, rest
+
+
+def _compress_body(
+    body: Tensor, tc: TensorCompression, ranks: Sequence[int], ignore: Tensor | None
+) -> list[tuple[Quantized | Fp8Tensor | None, Outliers | None, LowRank | None]]:
+    """Compress ``body`` ``[..., seq, d]`` once per rank, sharing everything but the low rank."""
+    seq, dim = body.shape[-2:]
+    if max(ranks) > min(seq, dim):
+        raise ConfigError(
+            f"rank {max(ranks)} exceeds min(seq, head_dim) = {min(seq, dim)} of a {seq}x{dim} block"
+        )
+    work = compute_dtype(body.dtype)
+    source = body
+    if tc.rotate:
+        source = rotate(body.to(work), tc.seed).to(body.dtype)
+    x = source.to(work)
+    outliers = None
+    if outlier_count(tc.outliers, body.shape[group_dim(tc.outlier_axis)]) > 0:
+        outliers = extract_outliers(source, tc.outliers, tc.outlier_mode, tc.outlier_axis, ignore)
+    exclude = outliers.mask() if outliers is not None else None
+    if ignore is not None:
+        exclude = ignore.expand(body.shape) if exclude is None else exclude | ignore
+    base: Quantized | Fp8Tensor | None = None
+    if tc.bits is not None:
+        base = quantize(x, tc.bits, tc.axis, tc.group_size, exclude)
+    elif tc.fp8 is not None:
+        base = fp8_quantize(x, tc.fp8, tc.axis, tc.group_size, exclude)
+    factors: list[LowRank | None] = [None] * len(ranks)
+    if max(ranks) > 0:
+        residual = x - base.dequantize(work) if base is not None else x
+        if exclude is not None:
+            residual = residual.masked_fill(exclude, 0.0)
+        if tc.lowrank == "svd":
+            full = svd_lowrank(residual, max(ranks))
+            factors = [full.truncate(r) if r else None for r in ranks]
+        else:
+            factors = [power_lowrank(residual, r, tc.loops, tc.seed) if r else None for r in ranks]
+    return [(base, outliers, f) for f in factors]
+
+
+def _resolve(config: TensorCompression | CompressionConfig, kind: str):
+    if isinstance(config, CompressionConfig):
+        return config.for_kind(kind), config.block_size
+    if isinstance(config, TensorCompression):
+        return config, None
+    raise ConfigError(
+        f"config must be a TensorCompression or CompressionConfig, got {type(config).__name__}"
+    )
+
+
+def compress_ranks(
+    x: Tensor,
+    config: TensorCompression | CompressionConfig,
+    ranks: Sequence[int],
+    kind: str = "keys",
+    *,
+    ignore: Tensor | None = None,
+) -> list[Compressed]:
+    """:func:`compress` at each of ``ranks`` (the config's own rank is ignored), sharing the
+    rotation, outliers and quantization, and, with ``lowrank="svd"``, one SVD of the residual
+    truncated to each rank (with ``"power"`` one power iteration per rank). Results equal
+    separate :func:`compress` calls."""
+    ranks = list(ranks)
+    if not ranks:
+        return []
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(f"ranks must be integers >= 0, got {r!r}")
+    tc, block_size = _resolve(config, kind)
+    _check_input(x)
+    if ignore is not None and (ignore.dtype != torch.bool or ignore.dim() != x.dim()):
+        raise TensorError("ignore must be a bool tensor broadcastable to x")
+    body, rest = _split(x, block_size)
+    ignored_body = None
+    if ignore is not None and body is not None:
+        ignored_body = _split(ignore.expand(x.shape), block_size)[0]
+    common = {"shape": x.shape, "dtype": x.dtype, "device": x.device, "block_size": block_size}
+    identity = Compressed(config=tc, body_shape=None, full_precision=x, **common)
+    active = sorted({r for r in ranks if body is not None and not replace(tc, rank=r).is_identity})
+    pieces = {}
+    if active:
+        pieces = dict(zip(active, _compress_body(body, tc, active, ignored_body), strict=True))
+    results = []
+    for r in ranks:
+        if r not in pieces:
+            results.append(replace(identity, config=replace(tc, rank=r)))
+            continue
+        base, outliers, factors = pieces[r]
+        results.append(
+            Compressed(
+                config=replace(tc, rank=r),
+                body_shape=body.shape,
+                base=base,
+                outliers=outliers,
+                lowrank=factors,
+                full_precision=rest,
+                **common,
+            )
+        )
+    return results
+
+
+def compress(
+    x: Tensor,
+    config: TensorCompression | CompressionConfig,
+    kind: str = "keys",
+    *,
+    ignore: Tensor | None = None,
+) -> Compressed:
+    """Compress ``x`` ``[batch, kv_heads, seq, head_dim]`` with ``config`` (its ``kind`` settings
+    when a :class:`CompressionConfig`, block-wise when that has ``block_size``).
+
+    ``ignore`` (bool, broadcastable to ``x``, e.g. ``[batch, 1, seq, 1]`` for padding) marks
+    entries left out of the outlier choice, the quantization statistics and the low-rank fit.
+    NaN / Inf input raises :class:`TensorError`; a rank above ``min(seq, head_dim)`` (of a
+    block) raises :class:`ConfigError`.
+    """
+    tc, _ = _resolve(config, kind)
+    return compress_ranks(x, config, [tc.rank], kind, ignore=ignore)[0]

@@ -1,0 +1,159 @@
+"""Uniform asymmetric (min/max) grouped quantization, 1 to 8 bits, with dense bit packing.
+
+The quantized backbone ``D`` of GEAR (Kang et al. 2024, section 3) and of KIVI / KCVT.
+Tensors are ``[..., seq, head_dim]`` (canonically ``[batch, kv_heads, seq, head_dim]``).
+``axis="channel"``: a group is ``group_size`` consecutive tokens of one channel;
+``axis="token"``: ``group_size`` consecutive channels of one token; ``group_size=None``: the
+whole axis (KCVT). A last group shorter than ``group_size`` is quantized on its own entries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gear_lab.errors import TensorError
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The float dtype arithmetic runs in: float32, or float64 for float64 input."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def group_dim(axis: str) -> int:
+    """The dimension of ``[..., seq, head_dim]`` along which ``axis`` groups run."""
+    return -2 if axis == "channel" else -1
+
+
+def to_groups(x: Tensor, axis: str, group_size: int | None) -> Tensor:
+    """View ``x`` ``[..., seq, d]`` with the grouped dimension split into ``(groups, size)``.
+
+    ``channel``: ``[..., n_groups, size, d]``; ``token``: ``[..., seq, n_groups, size]``; the
+    group members sit along :func:`group_dim`. A short last group is padded by repeating its
+    last entry, which leaves min, max and absmax of the group unchanged.
+    """
+    dim = group_dim(axis)
+    n = x.shape[dim]
+    size = n if group_size is None else min(group_size, n)
+    groups = math.ceil(n / size)
+    pad = groups * size - n
+    if pad:
+        sizes = list(x.shape)
+        sizes[dim] = pad
+        x = torch.cat([x, x.narrow(dim, n - 1, 1).expand(sizes)], dim)
+    return x.unflatten(dim, (groups, size))
+
+
+def from_groups(grouped: Tensor, axis: str, n: int) -> Tensor:
+    """Inverse of :func:`to_groups`: merge the group dimensions, drop the padding."""
+    dim = group_dim(axis)
+    return grouped.flatten(dim - 1, dim).narrow(dim, 0, n)
+
+
+def group_range(grouped: Tensor, axis: str, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-group (min, max) of a :func:`to_groups` view, ignoring ``exclude`` (same view).
+
+    Groups with every entry excluded get (0, 0).
+    """
+    dim = group_dim(axis)
+    if exclude is None:
+        return grouped.amin(dim, keepdim=True), grouped.amax(dim, keepdim=True)
+    lo = grouped.masked_fill(exclude, math.inf).amin(dim, keepdim=True)
+    hi = grouped.masked_fill(exclude, -math.inf).amax(dim, keepdim=True)
+    empty = lo > hi
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
+def to_half(value: Tensor, direction: float) -> Tensor:
+    """Round to float16 towards ``direction`` (``-inf`` or ``inf``); overflow raises
+    :class:`TensorError` (fp16 metadata cannot hold it)."""
+    half = value.to(torch.float16)
+    wrong = half.to(value.dtype) < value if direction > 0 else half.to(value.dtype) > value
+    half = torch.where(wrong, torch.nextafter(half, torch.full_like(half, direction)), half)
+    if not torch.isfinite(half).all():
+        raise TensorError("values exceed the float16 range of the scales / zero points")
+    return half
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes ``< 2**bits`` densely into uint8: 8 codes fill ``bits`` bytes
+    (e.g. four 2-bit codes per byte; 3-bit codes cross byte boundaries). Returns a 1-D uint8
+    tensor of ``ceil(numel / 8) * bits`` bytes; code ``i`` of each 8 sits at bit ``bits * i``
+    (little endian)."""
+    flat = codes.reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if bits == 8:
+        return flat.to(torch.uint8)
+    shifts = torch.arange(0, 8 * bits, bits, device=flat.device, dtype=torch.int64)
+    words = (flat.view(-1, 8).to(torch.int64) << shifts).sum(-1, keepdim=True)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=flat.device, dtype=torch.int64)
+    return ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as a 1-D uint8 tensor."""
+    if bits == 8:
+        return packed[:numel]
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int64)
+    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)
+    codes = ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
+    return codes.reshape(-1)[:numel]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Packed codes plus float16 scale and zero point per group (``x ~ zero + code * scale``)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+    axis: str
+    group_size: int | None
+    shape: torch.Size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The reconstruction ``[..., seq, head_dim]`` in ``dtype``."""
+        codes = unpack_codes(self.codes, self.bits, math.prod(self.shape)).view(self.shape)
+        grouped = to_groups(codes, self.axis, self.group_size).to(dtype)
+        values = torch.addcmul(self.zero.to(dtype), grouped, self.scale.to(dtype))
+        return from_groups(values, self.axis, self.shape[group_dim(self.axis)])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """What is stored: ``codes`` (packed uint8), ``scale``, ``zero`` (float16)."""
+        return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+
+
+def quantize(
+    x: Tensor,
+    bits: int,
+    axis: str = "channel",
+    group_size: int | None = 64,
+    exclude: Tensor | None = None,
+) -> Quantized:
+    """Quantize ``x`` ``[..., seq, head_dim]`` to ``bits`` bits per entry, grouped along ``axis``.
+
+    Statistics ignore entries where ``exclude`` (bool, broadcastable to ``x``) is set, e.g.
+    outliers kept elsewhere or padding. The zero point is rounded down and the scale up to
+    float16, so every non-excluded entry is within half a step of its reconstruction; a
+    constant group gets scale 0 and is exact (for float16 / bfloat16 input).
+    """
+    levels = (1 << bits) - 1
+    work = x.to(compute_dtype(x.dtype))
+    grouped = to_groups(work, axis, group_size)
+    if exclude is not None:
+        exclude = to_groups(exclude.expand(x.shape), axis, group_size)
+    lo, hi = group_range(grouped, axis, exclude)
+    zero = to_half(lo, -math.inf)
+    scale = to_half((hi - zero.to(work.dtype)) / levels, math.inf)
+    scale_w = scale.to(work.dtype)
+    inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
+    codes = ((grouped - zero.to(work.dtype)) * inverse).round_().clamp_(0, levels)
+    codes = from_groups(codes.to(torch.uint8), axis, x.shape[group_dim(axis)])
+    return Quantized(pack_codes(codes, bits), scale, zero, bits, axis, group_size, x.shape)
