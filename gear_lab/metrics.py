@@ -128,6 +128,7 @@ class AttentionReference:
     k: torch.Tensor  # [batch, kv_heads, seq, d]
     v: torch.Tensor  # [batch, kv_heads, seq, d]
     scaling: float
+    softcap: float | None
     mask: torch.Tensor  # [seq, seq] bool, True where query i may attend key j
     scores: torch.Tensor  # [batch, kv_heads, group, seq, seq], masked entries -inf
     log_probs: torch.Tensor  # same shape; masked entries -inf
@@ -159,7 +160,7 @@ class AttentionReference:
         if k_hat is None:
             scores_hat, log_hat = scores, log_probs
         else:
-            scores_hat = _scores(q, k_hat.to(q), self.scaling, self.mask)
+            scores_hat = _scores(q, k_hat.to(q), self.scaling, self.softcap, self.mask)
             log_hat = torch.log_softmax(scores_hat, dim=-1)
         v_used = v if v_hat is None else v_hat.to(v)
         out_hat = torch.matmul(log_hat.exp(), v_used.unsqueeze(2))
@@ -180,9 +181,13 @@ class AttentionReference:
         }
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor) -> torch.Tensor:
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None, mask: torch.Tensor
+) -> torch.Tensor:
     """Masked scores ``[batch, kv_heads, group, seq, seq]`` from grouped ``q`` and ``k``."""
     scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     return scores.masked_fill(~mask, -math.inf)
 
 
@@ -202,6 +207,7 @@ def attention_reference(
     v: torch.Tensor,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> AttentionReference:
     """Precompute exact causal attention for repeated comparisons (see :func:`attention_error`)."""
     _check_float("q", q, ndim=4)
@@ -222,13 +228,15 @@ def attention_reference(
     scale = d**-0.5 if scaling is None else float(scaling)
     if not math.isfinite(scale) or scale <= 0:
         raise ConfigError(f"scaling must be a positive finite number, got {scaling}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ConfigError(f"softcap must be a positive number or None, got {softcap}")
     q64 = q.double().reshape(b, kv_heads, heads // kv_heads, seq, d)
     k64, v64 = k.double(), v.double()
     mask = _attention_mask(seq, sliding_window, q.device)
-    scores = _scores(q64, k64, scale, mask)
+    scores = _scores(q64, k64, scale, softcap, mask)
     log_probs = torch.log_softmax(scores, dim=-1)
     output = torch.matmul(log_probs.exp(), v64.unsqueeze(2))
-    return AttentionReference(q64, k64, v64, scale, mask, scores, log_probs, output)
+    return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, log_probs, output)
 
 
 def attention_error(
@@ -239,20 +247,24 @@ def attention_error(
     v_hat: torch.Tensor,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> dict[str, float]:
     """How compressed K/V change causal softmax attention (float64 throughout).
 
     ``q``: ``[batch, heads, seq, d]``; ``k``, ``v``, ``k_hat``, ``v_hat``:
     ``[batch, kv_heads, seq, d]``; query head ``h`` reads KV head ``h // (heads // kv_heads)``.
-    Scores are ``q k^T * scaling`` (default ``d ** -0.5``) over causal positions (key ``j <= i``,
-    and ``i - j < sliding_window`` when given, as transformers' sliding-window mask).
+    Scores are ``q k^T * scaling`` (default ``d ** -0.5``; with ``softcap`` c, ``c tanh(s / c)``
+    as Gemma 2) over causal positions (key ``j <= i``, and ``i - j < sliding_window`` when given,
+    as transformers' sliding-window mask).
 
     Returns ``score_rel`` (relative Frobenius error of the scores over visible positions),
     ``kl`` (mean over query rows of KL(p_exact || p_hat)), ``tv`` (mean total variation
     ``0.5 * sum |p - p_hat|``) and ``output_rel`` (relative Frobenius error of
     ``softmax(scores) v``).
     """
-    ref = attention_reference(q, k, v, scaling=scaling, sliding_window=sliding_window)
+    ref = attention_reference(
+        q, k, v, scaling=scaling, sliding_window=sliding_window, softcap=softcap
+    )
     return ref.error(k_hat, v_hat)
 
 

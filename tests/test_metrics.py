@@ -91,7 +91,7 @@ def test_reconstruction_bad_inputs():
 # --- attention --------------------------------------------------------------------------------
 
 
-def _attention_loop(q, k, v, scaling, window=None):
+def _attention_loop(q, k, v, scaling, window=None, softcap=None):
     """Explicit per-query-head loop: head h reads kv head h // group. float64 probs and outputs."""
     b, heads, seq, _ = q.shape
     group = heads // k.shape[1]
@@ -104,6 +104,8 @@ def _attention_loop(q, k, v, scaling, window=None):
             for i in range(seq):
                 lo = 0 if window is None else max(0, i - window + 1)
                 s = q[n, h, i].double() @ k[n, kv, lo : i + 1].double().T * scaling
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
                 p = torch.softmax(s, dim=0)
                 scores[n, h, i, lo : i + 1] = s
                 probs[n, h, i, lo : i + 1] = p
@@ -119,19 +121,24 @@ def _attention_loop(q, k, v, scaling, window=None):
     seq=st.integers(1, 7),
     d=st.integers(1, 5),
     window=st.one_of(st.none(), st.integers(1, 4)),
+    softcap=st.one_of(st.none(), st.floats(0.5, 4.0)),
     seed=st.integers(0, 2**16),
 )
-def test_attention_error_matches_explicit_gqa_loop(b, kv_heads, group, seq, d, window, seed):
+def test_attention_error_matches_explicit_gqa_loop(
+    b, kv_heads, group, seq, d, window, softcap, seed
+):
     q = _tensor(seed, b, kv_heads * group, seq, d)
     k, v = _tensor(seed + 1, b, kv_heads, seq, d), _tensor(seed + 2, b, kv_heads, seq, d)
     k_hat = k + 0.3 * _tensor(seed + 3, b, kv_heads, seq, d)
     v_hat = v + 0.3 * _tensor(seed + 4, b, kv_heads, seq, d)
     scale = 0.7
-    s, p, o = _attention_loop(q, k, v, scale, window)
-    s_hat, p_hat, o_hat = _attention_loop(q, k_hat, v_hat, scale, window)
+    s, p, o = _attention_loop(q, k, v, scale, window, softcap)
+    s_hat, p_hat, o_hat = _attention_loop(q, k_hat, v_hat, scale, window, softcap)
     visible = p > 0
     kl = torch.where(visible, p * (p.log() - p_hat.log()), 0.0).sum(-1).mean()
-    got = metrics.attention_error(q, k, v, k_hat, v_hat, scaling=scale, sliding_window=window)
+    got = metrics.attention_error(
+        q, k, v, k_hat, v_hat, scaling=scale, sliding_window=window, softcap=softcap
+    )
     assert got["score_rel"] == pytest.approx(float((s_hat - s).norm() / s.norm()), rel=1e-9)
     assert got["kl"] == pytest.approx(float(kl), rel=1e-7, abs=1e-12)
     assert got["tv"] == pytest.approx(float(0.5 * (p - p_hat).abs().sum(-1).mean()), rel=1e-9)
