@@ -31,7 +31,7 @@ from gear_lab.compress import (
 from gear_lab.dump import Dump, open_dump
 from gear_lab.errors import ConfigError
 
-__all__ = ["SWEEP_KINDS", "expand_grid", "sweep"]
+__all__ = ["SWEEP_KINDS", "expand_grid", "parse_grid", "sweep"]
 
 # kinds a sweep can compress; attention metrics need post-RoPE keys, so keys_pre_rope gets NaN
 SWEEP_KINDS = ("keys", "values", "keys_pre_rope")
@@ -66,6 +66,41 @@ def expand_grid(grid: Mapping[str, Any]) -> list[CompressionConfig]:
         for method in methods
         for combo in itertools.product(*choices)
     ]
+
+
+def _grid_value(text: str) -> Any:
+    """``none`` / ``true`` / ``false`` / an int / a float, else the word itself."""
+    lowered = text.lower()
+    if lowered in ("none", "true", "false"):
+        return {"none": None, "true": True, "false": False}[lowered]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_grid(text: str) -> dict[str, list[Any]]:
+    """Parse the grid grammar ``NAME=V1,V2,...;NAME=...`` into a mapping for :func:`expand_grid`.
+
+    NAME is ``method`` or a :func:`gear_lab.compress.get_preset` override (``-`` may stand for
+    ``_``: ``group-size``); ``method`` takes preset names, every other value is an integer, a
+    float, ``none``, ``true``/``false`` or a word (an axis, ``svd``, ...). Example: ``"method=gear,gear-l;bits=2,4;rank=0,2,4"``.
+    """
+    grid: dict[str, list[Any]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, values = entry.partition("=")
+        name = name.strip().replace("-", "_")
+        items = [v.strip() for v in values.split(",")]
+        if not sep or not name or not all(items):
+            raise ConfigError(f"bad grid entry {entry!r}: expected NAME=V1,V2,...")
+        if name in grid:
+            raise ConfigError(f"bad grid: {name!r} appears twice")
+        grid[name] = items if name == "method" else [_grid_value(v) for v in items]
+    if not grid:
+        raise ConfigError(f"bad grid {text!r}: expected NAME=V1,V2,...;NAME=...")
+    return grid
 
 
 def _configs(grid: Sequence[CompressionConfig] | Mapping[str, Any]) -> list[CompressionConfig]:
