@@ -1,0 +1,246 @@
+"""Real forward passes -> per-layer query / key / value tensors, in memory (no file I/O here).
+
+Keys and values come from the model's own KV cache: a ``DynamicCache`` built *without* a config,
+so sliding-window layers keep every token (a config-built cache would keep only the window).
+Queries after RoPE, and keys before RoPE, come from forward hooks on each attention module: the
+outputs of ``q_norm`` / ``k_norm`` (where the model has them, e.g. Gemma 3) or ``q_proj`` /
+``k_proj``, rotated with the layer's own ``position_embeddings`` by the model's own
+``apply_rotary_pos_emb``. Tensors are stored per sample as ``[kv_heads, seq, head_dim]``
+(queries: ``[heads, seq, head_dim]``), i.e. the ``[batch, kv_heads, seq, head_dim]`` cache layout
+without its batch axis (GEAR, Kang et al. 2024, compresses exactly these tensors).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gear_lab.errors import CaptureError, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+KINDS = ("keys", "values", "queries", "keys_pre_rope")
+CORPORA = ("pydoc",)
+
+
+@dataclass
+class CapturedSample:
+    """One captured prompt: ``token_ids`` [seq] and ``layers[i][kind]`` -> ``[heads, seq, head_dim]``.
+
+    ``kind`` is ``"keys"``, ``"values"`` (``[kv_heads, seq, head_dim]``, post-RoPE keys as cached),
+    and optionally ``"queries"`` (``[heads, seq, head_dim]``, post-RoPE) and ``"keys_pre_rope"``.
+    Tensors are detached, on the CPU, in the model's dtype.
+    """
+
+    text: str
+    token_ids: torch.Tensor
+    layers: dict[int, dict[str, torch.Tensor]]
+
+
+def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise CaptureError(f"unsupported model {type(model).__name__}: no decoder layers found")
+    return [layer.self_attn for layer in layers]
+
+
+def _text_config(model: PreTrainedModel) -> Any:
+    return getattr(model.config, "text_config", None) or model.config
+
+
+def layer_infos(model: PreTrainedModel) -> list[dict[str, Any]]:
+    """Per layer: ``attention_type``, ``sliding_window`` (None = full), ``rope_theta``, ``scaling``.
+
+    ``scaling`` is the factor the model multiplies ``q @ k^T`` with (``head_dim ** -0.5`` for
+    Llama, ``query_pre_attn_scalar ** -0.5`` for Gemma 3); ``softcap`` is the attention logit
+    soft-cap (None for most models).
+    """
+    config = _text_config(model)
+    modules = attention_modules(model)
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(modules))
+    rope = getattr(config, "rope_parameters", None) or {}
+    infos = []
+    for attn, kind in zip(modules, types, strict=True):
+        params = rope.get(kind, rope) if isinstance(rope.get(kind), dict) else rope
+        window = getattr(attn, "sliding_window", None)
+        if window is None and kind == "sliding_attention":
+            window = getattr(config, "sliding_window", None)
+        infos.append(
+            {
+                "attention_type": kind,
+                "sliding_window": int(window) if window else None,
+                "rope_theta": float(params.get("rope_theta", getattr(config, "rope_theta", 0.0))),
+                "scaling": float(attn.scaling),
+                "softcap": getattr(attn, "attn_logit_softcapping", None),
+            }
+        )
+    return infos
+
+
+def parse_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """``None`` -> every layer; ``"0,5,10-12"`` or a sequence of ints -> sorted unique indices."""
+    if spec is None:
+        return list(range(num_layers))
+    picked: set[int] = set()
+    if isinstance(spec, str):
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, sep, hi = part.partition("-")
+            try:
+                start, stop = int(lo), int(hi if sep else lo)
+            except ValueError:
+                raise ConfigError(f"bad layer spec {spec!r}: {part!r} is not N or N-M") from None
+            if stop < start:
+                raise ConfigError(f"bad layer spec {spec!r}: empty range {part!r}")
+            picked.update(range(start, stop + 1))
+    else:
+        picked.update(int(i) for i in spec)
+    if not picked:
+        raise ConfigError(f"layer spec {spec!r} selects no layer")
+    bad = sorted(i for i in picked if not 0 <= i < num_layers)
+    if bad:
+        raise ConfigError(
+            f"layers {bad} out of range: the model has {num_layers} (0-{num_layers - 1})"
+        )
+    return sorted(picked)
+
+
+def corpus_texts(
+    name: str = "pydoc",
+    samples: int = 1,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_tokens: int = 512,
+) -> list[str]:
+    """``samples`` deterministic, non-overlapping text windows of a built-in corpus.
+
+    ``"pydoc"``: CPython's ``pydoc_data.topics.topics`` (about 465,000 characters of English),
+    topics joined in name order; sample ``i`` is the ``i``-th window of ``8 * max_tokens``
+    characters, cut to ``max_tokens`` tokens when a ``tokenizer`` is given.
+    """
+    if name not in CORPORA:
+        raise ConfigError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}")
+    if samples < 1 or max_tokens < 1:
+        raise ConfigError(f"samples and max_tokens must be >= 1, got {samples} and {max_tokens}")
+    from pydoc_data.topics import topics
+
+    joined = "\n\n".join(topics[key].strip() for key in sorted(topics))
+    chars = 8 * max_tokens
+    if samples * chars > len(joined):
+        raise ConfigError(
+            f"corpus {name!r} holds {len(joined)} characters: too little for "
+            f"{samples} samples of {max_tokens} tokens"
+        )
+    texts = [joined[i * chars : (i + 1) * chars] for i in range(samples)]
+    if tokenizer is not None:
+        texts = [
+            tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids[:max_tokens])
+            for t in texts
+        ]
+    return texts
+
+
+@contextmanager
+def _hooks(
+    modules: dict[int, nn.Module], with_queries: bool, pre_rope_keys: bool
+) -> Iterator[dict[int, dict[str, Any]]]:
+    """Record per layer the pre-RoPE q / k (``[b, heads, seq, d]``) and the rotary cos / sin."""
+    seen: dict[int, dict[str, Any]] = {i: {} for i in modules}
+    handles = []
+
+    def keep(layer: int, name: str, head_dim: int):
+        def hook(_mod: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            if out.dim() == 3:  # a projection's output [b, seq, heads * d]
+                out = out.view(*out.shape[:2], -1, head_dim).transpose(1, 2)
+            seen[layer][name] = out.detach()
+
+        return hook
+
+    def keep_rope(layer: int):
+        def hook(_mod: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+            seen[layer]["rope"] = kwargs["position_embeddings"]
+
+        return hook
+
+    try:
+        for i, attn in modules.items():
+            head_dim = attn.head_dim
+            if with_queries:
+                src = getattr(attn, "q_norm", None) or attn.q_proj
+                handles.append(src.register_forward_hook(keep(i, "q", head_dim)))
+            if with_queries or pre_rope_keys:
+                src = getattr(attn, "k_norm", None) or attn.k_proj
+                handles.append(src.register_forward_hook(keep(i, "k", head_dim)))
+                handles.append(attn.register_forward_pre_hook(keep_rope(i), with_kwargs=True))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rotary(attn: nn.Module):
+    """The ``apply_rotary_pos_emb`` of the module that defines ``attn``'s class."""
+    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise CaptureError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
+    return fn
+
+
+def capture_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_tokens: int,
+    layers: str | Sequence[int] | None = None,
+    with_queries: bool = False,
+    pre_rope_keys: bool = False,
+    progress: bool = True,
+) -> Iterator[CapturedSample]:
+    """Run one forward pass per text (truncated to ``max_tokens`` tokens) and yield its tensors.
+
+    ``layers``: ``None`` (all), a spec like ``"0,5,10-12"`` or indices. Keys / values are the
+    model's cache tensors ``[kv_heads, seq, head_dim]``; ``with_queries`` adds post-RoPE queries
+    ``[heads, seq, head_dim]``; ``pre_rope_keys`` adds keys before the rotary embedding.
+    A tqdm bar counts samples x layers.
+    """
+    from transformers import DynamicCache
+
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    if not texts:
+        raise CaptureError("no prompts to capture")
+    modules = attention_modules(model)
+    picked = parse_layers(layers, len(modules))
+    chosen = {i: modules[i] for i in picked}
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(texts) * len(picked), desc="capture", unit="layer", disable=not progress)
+    try:
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids[0, :max_tokens]
+            if ids.numel() == 0:
+                raise CaptureError(f"prompt {text[:40]!r} tokenizes to nothing")
+            cache = DynamicCache()  # no config: sliding-window layers keep every token
+            with _hooks(chosen, with_queries, pre_rope_keys) as seen, torch.inference_mode():
+                model(input_ids=ids[None].to(device), cache=cache, use_cache=True, logits_to_keep=1)
+            out: dict[int, dict[str, torch.Tensor]] = {}
+            for i, attn in chosen.items():
+                tensors = {"keys": cache.layers[i].keys[0], "values": cache.layers[i].values[0]}
+                if with_queries or pre_rope_keys:
+                    cos, sin = seen[i]["rope"]
+                    k_pre = seen[i]["k"]
+                    if pre_rope_keys:
+                        tensors["keys_pre_rope"] = k_pre[0]
+                    if with_queries:
+                        tensors["queries"] = _rotary(attn)(seen[i]["q"], k_pre, cos, sin)[0][0]
+                out[i] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+                bar.update(1)
+            yield CapturedSample(text=text, token_ids=ids.clone(), layers=out)
+    finally:
+        bar.close()

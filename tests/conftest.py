@@ -1,0 +1,35 @@
+"""Session fixtures shared by the whole suite: the real embedded model and one small dump of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32 on the CPU, loaded once."""
+    from gear_lab import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smol_dump(smol, tmp_path_factory) -> Path:
+    """Path of a small SmolLM2 dump: 2 pydoc samples x 128 tokens, every layer, with post-RoPE
+    queries and pre-RoPE keys (kinds: keys, values, queries, keys_pre_rope)."""
+    from gear_lab import capture_dump
+
+    out = tmp_path_factory.mktemp("dumps") / "smollm2-135m-pydoc.h5"
+    return capture_dump(
+        out,
+        corpus="pydoc",
+        samples=2,
+        max_tokens=128,
+        with_queries=True,
+        pre_rope_keys=True,
+        progress=False,
+        loaded=smol,
+    )
