@@ -78,26 +78,23 @@ def fig_heatmaps(
     """Side-by-side heatmaps of ``[tokens, channels]`` slices (e.g. original / reconstruction / error).
 
     Panels not in ``error_panels`` share one symmetric colour scale, so the original and its
-    reconstruction are directly comparable; each error panel gets its own symmetric scale.
+    reconstructions are directly comparable; the error panels share another one, so errors of
+    two configurations are comparable too.
     Large slices are pooled with :func:`downsample` (largest-magnitude entry per block).
     """
     names = list(panels)
     pooled = {n: downsample(panels[n], max_rows, max_cols) for n in names}
-    shared = [n for n in names if n not in error_panels]
-    vmax_shared = max((np.abs(pooled[n][0]).max() for n in shared), default=1.0) or 1.0
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.08)
+    errors = [n for n in names if n in error_panels]
+    values = [n for n in names if n not in error_panels]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.05)
     for i, n in enumerate(names, start=1):
         z, rs, cs = pooled[n]
-        vmax = vmax_shared if n in shared else (float(np.abs(z).max()) or 1.0)
         fig.add_trace(
             go.Heatmap(
                 z=z,
                 x=np.arange(z.shape[1]) * cs,
                 y=np.arange(z.shape[0]) * rs,
-                zmin=-vmax,
-                zmax=vmax,
-                colorscale="RdBu_r",
-                colorbar={"x": i / len(names) - 0.02, "len": 0.9, "thickness": 10},
+                coloraxis="coloraxis2" if n in errors else "coloraxis",
                 hovertemplate="token %{y}<br>channel %{x}<br>%{z:.4g}<extra>" + n + "</extra>",
             ),
             row=1,
@@ -105,8 +102,26 @@ def fig_heatmaps(
         )
         fig.update_xaxes(title_text="channel", row=1, col=i)
         fig.update_yaxes(autorange="reversed", row=1, col=i)
+    for axis, group, x in (("coloraxis", values, 1.02), ("coloraxis2", errors, 1.09)):
+        top = float(max((np.abs(pooled[n][0]).max() for n in group), default=1.0)) or 1.0
+        fig.update_layout(
+            {
+                axis: {
+                    "colorscale": "RdBu_r",
+                    "cmin": -top,
+                    "cmax": top,
+                    "showscale": bool(group),
+                    "colorbar": {
+                        "x": x,
+                        "len": 0.9,
+                        "thickness": 10,
+                        "title": {"text": "error" if axis == "coloraxis2" else "value"},
+                    },
+                }
+            }
+        )
     fig.update_yaxes(title_text="token", row=1, col=1)
-    fig.update_layout(title=title, height=460, margin=_MARGIN)
+    fig.update_layout(title=title, height=460, margin={**_MARGIN, "r": 90})
     return fig
 
 

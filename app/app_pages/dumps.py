@@ -1,0 +1,149 @@
+"""Dumps: choose, upload or capture the K/V dump every other page reads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import state
+import streamlit as st
+
+from gear_lab.dump import capture_dump, open_dump
+from gear_lab.errors import DumpError, GearLabError
+
+UPLOAD_DIR = Path(tempfile.gettempdir()) / "gear-lab-uploads"
+
+st.title("Dumps")
+st.caption(
+    "A dump holds real per-layer keys, values (and queries) of a model on some text, "
+    "in HDF5. Every page reads the dump chosen here."
+)
+
+
+def save_upload(name: str, data: bytes) -> Path:
+    """Write an uploaded file to a temporary ``.h5`` (atomically) and validate it as a dump.
+
+    Uploads are only ever opened as HDF5 through :func:`open_dump`; an invalid one is deleted
+    and raises :class:`DumpError`.
+    """
+    limit_mb = int(st.get_option("server.maxUploadSize"))
+    if len(data) > limit_mb * 2**20:
+        raise DumpError(
+            f"{name} is {len(data) / 2**20:.0f} MB, over the {limit_mb} MB upload limit"
+        )
+    UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    out = UPLOAD_DIR / f"{Path(name).stem}-{hashlib.sha256(data).hexdigest()[:12]}.h5"
+    if not out.exists():
+        part = out.with_suffix(".part")
+        part.write_bytes(data)
+        os.replace(part, out)
+    try:
+        open_dump(out).close()
+    except GearLabError:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- choose
+candidates = state.dump_candidates()
+current = state.current_dump()
+options = list(dict.fromkeys([*([current] if current else []), *candidates]))
+left, right = st.columns([2, 1])
+with left:
+    if options:
+        # no key: a new current dump (upload, capture) makes a fresh widget selecting it
+        choice = st.selectbox("dump", options, format_func=lambda p: f"{p.name}  ({p.parent})")
+        if choice != current:
+            st.session_state[state.DUMP_KEY] = str(choice)
+            current = choice
+    else:
+        st.info(
+            "No dump found in `dumps/`. Capture one below, upload one, or run "
+            "`gear-capture --model smollm2-135m --corpus pydoc --samples 2 --max-tokens 512 "
+            "--with-queries --out dumps/smollm2-135m-pydoc.h5` and reload."
+        )
+with right:
+    upload = st.file_uploader("or upload a dump (.h5)", type=["h5", "hdf5"], key="dumps-upload")
+    if upload is not None and st.session_state.get("dumps-uploaded") != upload.file_id:
+        try:
+            path = save_upload(upload.name, upload.getvalue())
+        except GearLabError as err:
+            state.show_error(err)
+        else:
+            st.session_state["dumps-uploaded"] = upload.file_id
+            st.session_state[state.DUMP_KEY] = str(path)
+            st.rerun()
+
+# --------------------------------------------------------------------------- at a glance
+if current is not None:
+    try:
+        info = state.dump_info(*state.dump_key(current))
+    except GearLabError as err:
+        state.show_error(err)
+    else:
+        st.subheader(Path(info["path"]).name)
+        cols = st.columns(5)
+        cols[0].metric("model", info["model_id"])
+        cols[1].metric("samples", info["num_samples"])
+        cols[2].metric("layers", len(info["layers"]))
+        cols[3].metric("heads / kv heads", f"{info['num_heads']} / {info['num_kv_heads']}")
+        cols[4].metric("head_dim", info["head_dim"])
+        st.caption(f"kinds stored: {', '.join(info['kinds'])}")
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "sample": range(info["num_samples"]),
+                    "tokens": info["seq_lens"],
+                    "shape (per layer)": [
+                        f"[{info['num_kv_heads']}, {n}, {info['head_dim']}]"
+                        for n in info["seq_lens"]
+                    ],
+                    "text": [t[:160].replace("\n", " ") for t in info["texts"]],
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+        with st.expander("summary"):
+            st.code(info["summary"], language=None)
+
+# --------------------------------------------------------------------------- capture
+st.subheader("Capture a new dump")
+with st.form("capture"):
+    c1, c2, c3 = st.columns(3)
+    name = c1.text_input("file name (in dumps/)", value="smollm2-135m-pydoc.h5")
+    samples = c2.number_input("samples (pydoc texts)", 1, 16, 2)
+    max_tokens = c3.number_input("tokens per sample", 16, 2048, 512, step=16)
+    with_queries = c1.checkbox("with queries (for attention error)", value=True)
+    pre_rope = c2.checkbox("with pre-RoPE keys", value=False)
+    overwrite = c3.checkbox("overwrite", value=False)
+    submitted = st.form_submit_button("Capture from the embedded model", type="primary")
+if submitted:
+    out = state.DUMPS_DIR / name
+    try:
+        if out.suffix != ".h5" or Path(name).name != name:
+            raise DumpError(f"file name must be a plain name ending in .h5, got {name!r}")
+        with st.status(f"capturing {out} ...", expanded=True) as status:
+            st.write("loading the model (cached after the first time)")
+            loaded = state.model()
+            st.write(f"running {samples} sample(s) of {max_tokens} tokens through the model")
+            path = capture_dump(
+                out,
+                corpus="pydoc",
+                samples=int(samples),
+                max_tokens=int(max_tokens),
+                with_queries=with_queries,
+                pre_rope_keys=pre_rope,
+                overwrite=overwrite,
+                loaded=loaded,
+            )
+            status.update(label=f"captured {path}", state="complete")
+    except GearLabError as err:
+        state.show_error(err)
+    else:
+        st.session_state[state.DUMP_KEY] = str(Path(path).resolve())
+        st.rerun()

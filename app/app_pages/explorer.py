@@ -1,0 +1,98 @@
+"""Error explorer: what a compression method does to one layer's keys or values.
+
+Defaults answer the newcomer's first question: the error of 2-bit GEAR on layer 10's keys,
+next to plain 2-bit quantization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import state
+import streamlit as st
+import torch
+
+from gear_lab import metrics, plots
+
+st.title("Error explorer")
+key, info = state.require_dump()
+sel = state.data_selectors(info, "explorer")
+layer, sample, head, kind = sel["layer"], sel["sample"], sel["head"], sel["kind"]
+compare = st.sidebar.toggle("compare two configurations", value=True, key="explorer-compare")
+
+DEFAULTS = {"A": ("gear", {"bits": 2}), "B": ("quant", {"bits": 2})}
+names = ["A", "B"] if compare else ["A"]
+columns = st.columns(len(names))
+results: dict[str, dict] = {}
+for name, col in zip(names, columns, strict=True):
+    preset, initial = DEFAULTS[name]
+    with col:
+        st.subheader(f"configuration {name}")
+        with st.expander("settings", expanded=True):
+            config = state.method_settings(
+                f"explorer-{name}", kind=kind, preset=preset, initial=initial, label="preset"
+            )
+        if config is None:
+            continue
+        with state.user_errors():
+            res = state.compress_slice(*key, kind, layer, sample, state.config_key(config))
+            attn = (
+                state.attention_slice(*key, kind, layer, sample, state.config_key(config))
+                if "queries" in info["kinds"]
+                else None
+            )
+        results[name] = res
+        m = res["metrics"]
+        x = state.tensor(key, kind, layer, sample)[:, head : head + 1]
+        head_m = metrics.reconstruction(x, torch.from_numpy(res["x_hat"][head : head + 1])[None])
+        st.caption(f"`{config.name}`: layer {layer} {kind}, all {info['num_kv_heads']} heads")
+        c = st.columns(4)
+        c[0].metric("relative error", state.fmt(m["rel_fro"]), help="||X̂ - X||_F / ||X||_F")
+        c[1].metric("bits per entry", state.fmt(res["bits_per_entry"]), help="measured")
+        c[2].metric("vs fp16", f"{16 / res['bits_per_entry']:.2f}x smaller")
+        c[3].metric("SNR (dB)", state.fmt(m["snr_db"]))
+        c = st.columns(4)
+        c[0].metric(f"head {head} rel. error", state.fmt(head_m["rel_fro"]))
+        c[1].metric("cosine", state.fmt(m["cosine"], 6))
+        c[2].metric("max |error|", state.fmt(m["max_abs"]))
+        if attn is not None:
+            c[3].metric("attention KL", state.fmt(attn["kl"]), help="mean KL(p || p̂) per query")
+        parts = pd.DataFrame({"bytes": res["bytes_by_part"]})
+        parts["share"] = (parts["bytes"] / max(res["nbytes"], 1)).map("{:.1%}".format)
+        st.dataframe(parts.T, width="stretch")
+        if attn is not None:
+            st.caption(
+                "attention: "
+                + ", ".join(f"{k} {state.fmt(v)}" for k, v in attn.items())
+                + f" (only {kind} compressed)"
+            )
+
+if not results:
+    st.stop()
+
+x_head = state.load_slice(*key, kind, layer, sample)[head]
+panels: dict[str, np.ndarray] = {"original": x_head}
+for name, res in results.items():
+    panels[f"reconstruction {name}"] = res["x_hat"][head]
+    panels[f"error {name}"] = res["x_hat"][head] - x_head
+st.plotly_chart(
+    plots.fig_heatmaps(
+        panels,
+        error_panels=[p for p in panels if p.startswith("error")],
+        title=f"layer {layer} {kind}, head {head}: tokens x channels",
+    ),
+    key="explorer-heatmaps",
+)
+
+x = torch.from_numpy(x_head)[None, None]
+left, right = st.columns(2)
+for by, col in (("channel", left), ("token", right)):
+    series = {
+        name: metrics.reconstruction_profile(
+            x, torch.from_numpy(res["x_hat"][head])[None, None], by
+        )["rel_fro"]
+        for name, res in results.items()
+    }
+    col.plotly_chart(
+        plots.fig_profile(series, by=by, metric="rel_fro"), key=f"explorer-profile-{by}"
+    )

@@ -1,0 +1,107 @@
+"""Live generation: does the model still write the same text with a compressed KV cache?
+
+Runs :func:`gear_lab.check_generation`: greedy generation with a full-precision cache and with
+a :class:`gear_lab.GearCache` of the chosen method, then teacher-forced KL and top-1 agreement
+per step along the full-precision continuation.
+"""
+
+from __future__ import annotations
+
+import html
+from pydoc_data.topics import topics
+
+import state
+import streamlit as st
+
+from gear_lab import plots
+from gear_lab.cache import DEFAULT_BLOCK_SIZE
+from gear_lab.errors import GearLabError
+from gear_lab.fidelity import check_generation
+
+# longer than a few cache blocks: the newest block_size tokens always stay full precision
+DEFAULT_PROMPT = topics["for"][:800]
+
+st.title("Live generation")
+st.caption(
+    f"The embedded model ({state.MODEL}) generates greedily twice: with a full-precision cache "
+    "and with the compressed one. The first differing token is highlighted. The cache keeps "
+    "the newest `block_size` tokens in full precision, so a prompt shorter than one block is not "
+    "compressed at all."
+)
+left, right = st.columns([3, 2])
+with left:
+    prompt = st.text_area("prompt", DEFAULT_PROMPT, height=200, key="live-prompt")
+    max_new_tokens = st.slider("new tokens", 4, 128, 32, key="live-max-new-tokens")
+with right, st.expander("method", expanded=True):
+    config = state.method_settings(
+        "live", initial={"bits": 2}, no_block=f"cache default ({DEFAULT_BLOCK_SIZE})"
+    )
+go = st.button("Generate", type="primary", disabled=config is None, key="live-run")
+
+if go and config is not None:
+    try:
+        with st.status("generating ...", expanded=True) as status:
+            st.write("loading the model (once per server)")
+            model, tokenizer = state.model()
+            st.write(f"generating {max_new_tokens} tokens with both caches, then scoring each step")
+            check = check_generation(
+                model, tokenizer, prompt, config, max_new_tokens=max_new_tokens
+            )
+            status.update(
+                label=f"generated with `{check.method}`", state="complete", expanded=False
+            )
+    except GearLabError as err:
+        state.show_error(err)
+    else:
+        st.session_state["live-result"] = check
+
+check = st.session_state.get("live-result")
+if check is None:
+    st.info("Press **Generate** to compare the two generations.")
+    st.stop()
+
+
+def highlighted(prompt: str, ids: list[int], divergence: int | None) -> str:
+    """The prompt and its generation as HTML, the part from the first divergence on highlighted."""
+    _, tokenizer = state.model()
+    cut = len(ids) if divergence is None else divergence
+    same = html.escape(tokenizer.decode(ids[:cut], skip_special_tokens=True))
+    rest = html.escape(tokenizer.decode(ids[cut:], skip_special_tokens=True))
+    mark = f'<mark style="background:#ffd5d5">{rest}</mark>' if rest else ""
+    return f'<div style="white-space:pre-wrap"><b>{html.escape(prompt)}</b>{same}{mark}</div>'
+
+
+st.subheader(f"`{check.method}`")
+c = st.columns(4)
+c[0].metric(
+    "first divergence",
+    "none" if check.first_divergence is None else f"token {check.first_divergence}",
+)
+c[1].metric("same tokens", f"{check.token_agreement:.0%}")
+c[2].metric("mean KL per step", state.fmt(check.mean_kl))
+c[3].metric("top-1 agreement", f"{check.top1_agreement:.0%}")
+full, comp = st.columns(2)
+for col, title, ids, nbytes, tps in (
+    (full, "full precision", check.full_ids, check.full_cache_bytes, check.full_tokens_per_s),
+    (
+        comp,
+        "compressed",
+        check.compressed_ids,
+        check.compressed_cache_bytes,
+        check.compressed_tokens_per_s,
+    ),
+):
+    with col:
+        st.markdown(f"**{title}**")
+        st.markdown(highlighted(check.prompt, ids, check.first_divergence), unsafe_allow_html=True)
+        m = st.columns(2)
+        m[0].metric(f"{title} cache", f"{nbytes / 2**10:.1f} KiB")
+        m[1].metric(f"{title} tok/s", f"{tps:.1f}")
+st.caption(
+    f"cache ratio: {check.full_cache_bytes / max(check.compressed_cache_bytes, 1):.2f}x smaller; "
+    "sizes are measured from the tensors each cache holds."
+)
+st.plotly_chart(
+    plots.fig_generation_steps(check.kl, check.top1, divergence=check.first_divergence),
+    key="live-steps",
+)

@@ -1,0 +1,377 @@
+"""Shared state of the studio: the current dump, cached loaders and computations, shared widgets.
+
+Caching (so a slider redraws in well under a second on a CPU):
+- the model loads once per process (``st.cache_resource``);
+- dump slices, compressions, spectra and statistics are ``st.cache_data`` keyed on the dump's
+  path and modification time plus everything the result depends on (sample, layer, kind and
+  the compression config as JSON). They return numpy arrays and plain dicts.
+
+Every page gets its dump through :func:`require_dump` and its compression settings through
+:func:`method_settings`, so the explorer, spectra, outliers, sweeps and live pages share one
+widget block. Errors a user can cause (:class:`gear_lab.errors.GearLabError`) are shown with
+:func:`show_error` as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+import torch
+
+from gear_lab import metrics
+from gear_lab.compress import CompressionConfig, compress, get_preset, list_presets
+from gear_lab.dump import open_dump
+from gear_lab.errors import GearLabError
+from gear_lab.sweep import sweep
+
+DUMP_ENV = "GEAR_LAB_DUMP"  # set by `gear-lab app DUMP`
+DUMP_KEY = "dump_path"  # session-state key of the dump chosen on the Dumps page
+DUMPS_DIR = Path("dumps")
+MODEL = "smollm2-135m"
+
+# widget choices; names follow the library's one-name-per-concept convention
+BITS = [1, 2, 3, 4, 5, 6, 8]
+GROUP_SIZES = [None, 8, 16, 32, 64, 128]
+BLOCK_SIZES = [None, 16, 32, 64, 128, 256]
+MAX_RANK = 32
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def show_error(err: Exception) -> None:
+    """One-line error message in the page (the exception's own message, no traceback)."""
+    st.error(f"{type(err).__name__}: {err}", icon="⚠️")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a :class:`GearLabError` raised inside as one line and stop this page's run."""
+    try:
+        yield
+    except GearLabError as err:
+        show_error(err)
+        st.stop()
+
+
+# --------------------------------------------------------------------------- the dump
+
+
+def dump_candidates() -> list[Path]:
+    """Dumps the app can offer: the one given to ``gear-lab app``, then ``dumps/*.h5``."""
+    found: list[Path] = []
+    env = os.environ.get(DUMP_ENV)
+    if env:
+        found.append(Path(env).resolve())
+    if DUMPS_DIR.is_dir():
+        found += sorted(p.resolve() for p in DUMPS_DIR.glob("*.h5"))
+    return list(dict.fromkeys(found))
+
+
+def current_dump() -> Path | None:
+    """The chosen dump: the Dumps page's choice, else ``gear-lab app``'s, else the first found."""
+    chosen = st.session_state.get(DUMP_KEY)
+    if chosen:
+        return Path(chosen)
+    found = dump_candidates()
+    return found[0] if found else None
+
+
+def dump_key(path: Path) -> tuple[str, float]:
+    """Cache key of a dump file: its path and modification time (a rewrite invalidates)."""
+    try:
+        return str(path), path.stat().st_mtime
+    except OSError as err:
+        raise GearLabError(f"cannot read dump {path}: {err.strerror}") from None
+
+
+def require_dump() -> tuple[tuple[str, float], dict[str, Any]]:
+    """The current dump's cache key and :func:`dump_info`; stops the page when there is none."""
+    path = current_dump()
+    if path is None:
+        st.info("No dump yet: choose, upload or capture one on the Dumps page.")
+        st.page_link("app_pages/dumps.py", label="Go to Dumps", icon="📦")
+        st.stop()
+    with user_errors():
+        key = dump_key(path)
+        info = dump_info(*key)
+    st.sidebar.caption(f"dump: `{Path(key[0]).name}` ({info['model_id']})")
+    return key, info
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def dump_info(path: str, mtime: float) -> dict[str, Any]:
+    """Everything a page needs to lay out its selectors (validated by :func:`open_dump`)."""
+    del mtime  # cache key only
+    with open_dump(path) as dump:
+        return {
+            "path": path,
+            "model_id": dump.model_id,
+            "num_samples": dump.num_samples,
+            "layers": list(dump.layers),
+            "num_heads": dump.num_heads,
+            "num_kv_heads": dump.num_kv_heads,
+            "head_dim": dump.head_dim,
+            "kinds": tuple(dump.kinds),
+            "seq_lens": [dump.seq_len(s) for s in range(dump.num_samples)],
+            "texts": [dump.text(s) for s in range(dump.num_samples)],
+            "summary": dump.summary(),
+            "config": dict(dump.config),
+            "metadata": dict(dump.metadata),
+            "layer_info": {layer: dict(dump.layer_info(layer)) for layer in dump.layers},
+        }
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def load_slice(path: str, mtime: float, kind: str, layer: int, sample: int) -> np.ndarray:
+    """One layer's ``kind`` tensor of one sample, float32 ``[kv_heads | heads, seq, head_dim]``."""
+    del mtime
+    with open_dump(path) as dump:
+        return dump.load(kind, layer, sample=sample, dtype=torch.float32).numpy()
+
+
+def tensor(key: tuple[str, float], kind: str, layer: int, sample: int) -> torch.Tensor:
+    """:func:`load_slice` as ``[1, kv_heads, seq, head_dim]`` (the library's layout)."""
+    return torch.from_numpy(load_slice(*key, kind, layer, sample))[None]
+
+
+# --------------------------------------------------------------------------- computations
+
+
+def _config(config_json: str) -> CompressionConfig:
+    return CompressionConfig.from_json(config_json)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def compress_slice(
+    path: str, mtime: float, kind: str, layer: int, sample: int, config_json: str
+) -> dict[str, Any]:
+    """Compress one layer's ``kind`` tensor ``[1, kv_heads, seq, head_dim]`` with the config.
+
+    Returns the reconstruction ``x_hat`` and kept-outlier ``mask`` (``[kv_heads, seq, d]``),
+    the whole-layer reconstruction metrics, measured ``bits_per_entry``, ``nbytes`` and
+    ``bytes_by_part``.
+    """
+    x = tensor((path, mtime), kind, layer, sample)
+    c = compress(x, _config(config_json), kind=kind)
+    x_hat = c.decompress()
+    return {
+        "x_hat": x_hat[0].numpy(),
+        "mask": c.outlier_mask()[0].numpy(),
+        "metrics": metrics.reconstruction(x, x_hat),
+        "bits_per_entry": float(c.bits_per_entry),
+        "nbytes": int(c.nbytes),
+        "numel": int(c.numel),
+        "bytes_by_part": {k: int(v) for k, v in c.bytes_by_part().items()},
+    }
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def attention_slice(
+    path: str, mtime: float, kind: str, layer: int, sample: int, config_json: str
+) -> dict[str, float]:
+    """Attention error of the layer when only ``kind`` (keys or values) is compressed.
+
+    Uses the dump's queries; causal, with the layer's scaling, sliding window and softcap (see
+    :func:`gear_lab.metrics.attention_error`).
+    """
+    key = (path, mtime)
+    q = tensor(key, "queries", layer, sample)
+    k, v = tensor(key, "keys", layer, sample), tensor(key, "values", layer, sample)
+    x_hat = torch.from_numpy(compress_slice(path, mtime, kind, layer, sample, config_json)["x_hat"])
+    li = dump_info(path, mtime)["layer_info"][layer]
+    k_hat, v_hat = (x_hat[None], v) if kind == "keys" else (k, x_hat[None])
+    return metrics.attention_error(
+        q,
+        k,
+        v,
+        k_hat,
+        v_hat,
+        scaling=li.get("scaling"),
+        sliding_window=li.get("sliding_window"),
+        softcap=li.get("softcap"),
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def spectra(
+    path: str, mtime: float, kind: str, layer: int, sample: int, config_json: str
+) -> dict[str, np.ndarray]:
+    """Singular values ``[kv_heads, min(seq, d)]`` of the tensor and of its quantization residual."""
+    x = tensor((path, mtime), kind, layer, sample)
+    residual = metrics.quantization_residual(x, _config(config_json), kind=kind)
+    return {
+        "tensor": metrics.singular_values(x)[0].numpy(),
+        "residual": metrics.singular_values(residual)[0].numpy(),
+    }
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def channel_stats(
+    path: str, mtime: float, kind: str, layer: int, sample: int
+) -> dict[str, np.ndarray]:
+    """Per-channel ``max_abs``, ``kurtosis``, ``share_beyond``, each ``[kv_heads, head_dim]``."""
+    x = tensor((path, mtime), kind, layer, sample)
+    return {k: v[0].numpy() for k, v in metrics.outlier_stats(x, by="channel").items()}
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def sweep_layer(
+    path: str,
+    mtime: float,
+    grid_json: tuple[str, ...],
+    layer: int,
+    kinds: tuple[str, ...],
+    sample: int,
+) -> pd.DataFrame:
+    """:func:`gear_lab.sweep` of one whole layer (``per_head=False``) over the configs in JSON."""
+    del mtime
+    configs = [_config(c) for c in grid_json]
+    return sweep(
+        path,
+        configs,
+        layers=[layer],
+        kinds=kinds,
+        samples=(sample,),
+        per_head=False,
+        progress=False,
+    )
+
+
+@st.cache_resource(show_spinner="Loading the model (once per server)...")
+def model(name: str = MODEL) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from :func:`gear_lab.load_model`, loaded once per process."""
+    from gear_lab import load_model
+
+    return load_model(name, device="auto")
+
+
+# --------------------------------------------------------------------------- widgets
+
+
+def data_selectors(
+    info: Mapping[str, Any],
+    prefix: str,
+    *,
+    kinds: tuple[str, ...] = ("keys", "values"),
+    head: bool = True,
+    layer: bool = True,
+) -> dict[str, Any]:
+    """Sample / layer / head / kind pickers in the sidebar; layer 10 and keys by default."""
+    out: dict[str, Any] = {}
+    sb = st.sidebar
+    out["sample"] = sb.selectbox(
+        "sample",
+        range(info["num_samples"]),
+        key=f"{prefix}-sample",
+        format_func=lambda s: f"{s}: {info['seq_lens'][s]} tokens",
+    )
+    if layer:
+        layers = info["layers"]
+        out["layer"] = sb.selectbox(
+            "layer", layers, index=layers.index(10) if 10 in layers else 0, key=f"{prefix}-layer"
+        )
+    if head:
+        out["head"] = sb.selectbox("head", range(info["num_kv_heads"]), key=f"{prefix}-head")
+    available = [k for k in kinds if k in info["kinds"]]
+    if available:
+        out["kind"] = sb.radio("tensor", available, horizontal=True, key=f"{prefix}-kind")
+    return out
+
+
+def method_settings(
+    prefix: str,
+    *,
+    kind: str = "keys",
+    preset: str = "gear",
+    initial: Mapping[str, Any] | None = None,
+    label: str = "method",
+    no_block: str = "whole sequence",
+) -> CompressionConfig | None:
+    """The shared method widget block: a preset and its parameters, returned as a config.
+
+    Widgets start at the preset's values for ``kind`` (``initial`` overrides them for the
+    default ``preset``; ``no_block`` names ``block_size=None``); only values the user moved away from the preset become overrides, so an
+    untouched block is exactly ``get_preset(name)``. Bad settings show one line and give None.
+    """
+    presets = list_presets()
+    name = st.selectbox(label, presets, index=presets.index(preset), key=f"{prefix}-preset")
+    base = get_preset(name)
+    tc = base.for_kind(kind)
+    start: dict[str, Any] = {
+        **{
+            f: getattr(tc, f) for f in ("bits", "group_size", "outliers", "rank", "loops", "rotate")
+        },
+        "block_size": base.block_size,
+    }
+    if name == preset and initial:
+        start.update(initial)
+    k = f"{prefix}-{name}"  # a new preset gets fresh widgets at its own defaults
+    chosen: dict[str, Any] = {}
+    c1, c2 = st.columns(2)
+    if start["bits"] is not None:
+        chosen["bits"] = c1.select_slider("bits", BITS, value=start["bits"], key=f"{k}-bits")
+    else:
+        c1.caption(f"bits: none ({tc.fp8 or 'no quantizer'})")
+    chosen["group_size"] = c2.selectbox(
+        "group_size",
+        GROUP_SIZES,
+        index=GROUP_SIZES.index(start["group_size"]) if start["group_size"] in GROUP_SIZES else 0,
+        format_func=lambda g: "whole axis" if g is None else str(g),
+        key=f"{k}-group_size",
+    )
+    chosen["outliers"] = c1.slider(
+        "outliers (fraction)",
+        0.0,
+        0.2,
+        float(start["outliers"]),
+        step=0.005,
+        format="%.3f",
+        key=f"{k}-outliers",
+    )
+    chosen["rank"] = c2.slider("rank", 0, MAX_RANK, int(start["rank"]), key=f"{k}-rank")
+    chosen["loops"] = c1.slider("loops", 1, 10, int(start["loops"]), key=f"{k}-loops")
+    chosen["block_size"] = c2.selectbox(
+        "block_size",
+        BLOCK_SIZES,
+        index=BLOCK_SIZES.index(start["block_size"]) if start["block_size"] in BLOCK_SIZES else 0,
+        format_func=lambda b: no_block if b is None else str(b),
+        key=f"{k}-block_size",
+    )
+    chosen["rotate"] = c1.checkbox("rotate", value=bool(start["rotate"]), key=f"{k}-rotate")
+    reference = {
+        **{f: getattr(tc, f) for f in start if f != "block_size"},
+        "block_size": base.block_size,
+    }
+    overrides = {f: v for f, v in chosen.items() if v != reference[f]}
+    try:
+        return get_preset(name, **overrides)
+    except GearLabError as err:
+        show_error(err)
+        return None
+
+
+def config_key(config: CompressionConfig) -> str:
+    """The JSON a cached computation is keyed on."""
+    return config.to_json()
+
+
+def with_rank(config: CompressionConfig, kind: str, rank: int) -> CompressionConfig:
+    """``config`` with ``kind``'s rank replaced (for rank markers and sweeps)."""
+    side = "values" if kind == "values" else "keys"
+    return dataclasses.replace(
+        config, **{side: dataclasses.replace(config.for_kind(kind), rank=rank)}
+    )
+
+
+def fmt(v: float, digits: int = 4) -> str:
+    """A metric value as shown in the pages (and compared against in the tests)."""
+    return f"{v:.{digits}g}"
