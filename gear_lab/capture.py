@@ -1,4 +1,4 @@
-"""Real forward passes -> per-layer query / key / value tensors, in memory (no file I/O here).
+"""Real forward passes -> per-layer query / key / value tensors, in memory (writes no files).
 
 Keys and values come from the model's own KV cache: a ``DynamicCache`` built *without* a config,
 so sliding-window layers keep every token (a config-built cache would keep only the window).
@@ -12,10 +12,14 @@ without its batch axis (GEAR, Kang et al. 2024, compresses exactly these tensors
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,6 +149,39 @@ def corpus_texts(
             for t in texts
         ]
     return texts
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a file: ``.jsonl`` (one JSON object per line with a ``"text"`` field) or any
+    other text file (one prompt per blank-line-separated block). Raises :class:`CaptureError`."""
+    file = Path(path)
+    try:
+        content = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CaptureError(f"prompts file {file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CaptureError(f"cannot read prompts file {file}: {err}") from None
+    if file.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CaptureError(
+                    f'{file}:{number}: expected a JSON object with a "text" field'
+                ) from None
+            if not isinstance(text, str):
+                raise CaptureError(f'{file}:{number}: "text" is not a string')
+            prompts.append(text)
+    else:
+        prompts = [block.strip() for block in re.split(r"\n\s*\n", content)]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise CaptureError(f"prompts file {file} holds no prompt")
+    return prompts
 
 
 @contextmanager

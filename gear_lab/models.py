@@ -179,11 +179,15 @@ def list_models() -> list[ModelInfo]:
     return infos
 
 
+_CHECK_PROMPT = "The KV cache of a transformer holds one key and one value per token and layer."
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize ``gguf`` once and save it (weights + tokenizer) as safetensors in ``target``.
 
-    Written into a temporary sibling folder and renamed into place, so an interruption leaves
-    no half-written model behind.
+    Verified before it is kept: the saved folder must give the same logits as the GGUF load on a
+    short prompt. Written into a temporary sibling folder and renamed into place, so an
+    interruption leaves no half-written model behind. Raises :class:`ModelError`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,16 +198,25 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                same = torch.allclose(model(ids).logits, saved(ids).logits, rtol=0, atol=1e-5)
+        except Exception as err:  # transformers / gguf raise many types; report one line
+            raise ModelError(f"cannot convert {gguf}: {_first_line(err)}") from err
+        if not same:
+            raise ModelError(f"converting {gguf} changed the model's logits; not kept")
         try:
             os.replace(tmp, target)
         except OSError:
@@ -211,6 +224,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _local_gguf_key(path: Path) -> str:
@@ -290,8 +308,7 @@ def load_model(
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=offline)
     except Exception as err:  # transformers / hub raise many types; report one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {model_id!r}: {first}") from err
+        raise ModelError(f"cannot load model {model_id!r}: {_first_line(err)}") from err
     model.to(torch_device).eval()
     model.gear_lab_model_id = model_id  # recorded in dumps
     return model, tokenizer
