@@ -130,8 +130,9 @@ class AttentionReference:
     scaling: float
     softcap: float | None
     mask: torch.Tensor  # [seq, seq] bool, True where query i may attend key j
-    scores: torch.Tensor  # [batch, kv_heads, group, seq, seq], masked entries -inf
+    scores: torch.Tensor  # [batch, kv_heads, group, seq, seq], masked entries 0
     log_probs: torch.Tensor  # same shape; masked entries -inf
+    probs: torch.Tensor  # same shape; masked entries 0
     output: torch.Tensor  # [batch, kv_heads, group, seq, d]
 
     def error(
@@ -154,41 +155,37 @@ class AttentionReference:
                     raise ConfigError(
                         f"{name} shape {tuple(new.shape)} differs from the reference {tuple(old.shape)}"
                     )
-        scores = self.scores[:, sel]
-        log_probs = self.log_probs[:, sel]
-        output = self.output[:, sel]
-        if k_hat is None:
-            scores_hat, log_hat = scores, log_probs
-        else:
-            scores_hat = _scores(q, k_hat.to(q), self.scaling, self.softcap, self.mask)
-            log_hat = torch.log_softmax(scores_hat, dim=-1)
+        probs, output = self.probs[:, sel], self.output[:, sel]
+        result = {"score_rel": 0.0, "kl": 0.0, "tv": 0.0}
+        probs_hat = probs
+        if k_hat is not None:
+            hidden = ~self.mask
+            scores, log_probs = self.scores[:, sel], self.log_probs[:, sel]
+            scores_hat = _scores(q, k_hat.to(q), self.scaling, self.softcap)
+            log_hat = torch.log_softmax(scores_hat.masked_fill(hidden, -math.inf), dim=-1)
+            probs_hat = log_hat.exp()
+            err2 = (scores_hat - scores).masked_fill(hidden, 0.0).square().sum()
+            # KL(p || p_hat) per query row; hidden keys have p = 0 and contribute nothing
+            kl_rows = (probs * (log_probs - log_hat).masked_fill(hidden, 0.0)).sum(-1)
+            result = {
+                "score_rel": float(_ratio(err2, scores.square().sum(), 0.0).sqrt()),
+                "kl": float(kl_rows.mean()),
+                "tv": float(0.5 * (probs - probs_hat).abs().sum(-1).mean()),
+            }
         v_used = v if v_hat is None else v_hat.to(v)
-        out_hat = torch.matmul(log_hat.exp(), v_used.unsqueeze(2))
-
-        mask = self.mask
-        diff = torch.where(mask, scores_hat - scores, 0.0)
-        ref = torch.where(mask, scores, 0.0)
-        probs = log_probs.exp()
-        # KL(p || p_hat) per query row; masked keys have p = 0 and contribute nothing
-        kl_terms = torch.where(mask, probs * (log_probs - log_hat), 0.0)
-        tv_terms = torch.where(mask, (probs - log_hat.exp()).abs(), 0.0)
-        out_err2 = (out_hat - output).square().sum()
-        return {
-            "score_rel": float(_ratio(diff.square().sum(), ref.square().sum(), 0.0).sqrt()),
-            "kl": float(kl_terms.sum(-1).mean()),
-            "tv": float(0.5 * tv_terms.sum(-1).mean()),
-            "output_rel": float(_ratio(out_err2, output.square().sum(), 0.0).sqrt()),
-        }
+        out_err2 = (torch.matmul(probs_hat, v_used.unsqueeze(2)) - output).square().sum()
+        result["output_rel"] = float(_ratio(out_err2, output.square().sum(), 0.0).sqrt())
+        return result
 
 
 def _scores(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None, mask: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None
 ) -> torch.Tensor:
-    """Masked scores ``[batch, kv_heads, group, seq, seq]`` from grouped ``q`` and ``k``."""
+    """Scores ``[batch, kv_heads, group, seq, seq]`` (unmasked) from grouped ``q`` and ``k``."""
     scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    return scores.masked_fill(~mask, -math.inf)
+    return scores
 
 
 def _attention_mask(seq: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
@@ -233,10 +230,11 @@ def attention_reference(
     q64 = q.double().reshape(b, kv_heads, heads // kv_heads, seq, d)
     k64, v64 = k.double(), v.double()
     mask = _attention_mask(seq, sliding_window, q.device)
-    scores = _scores(q64, k64, scale, softcap, mask)
-    log_probs = torch.log_softmax(scores, dim=-1)
-    output = torch.matmul(log_probs.exp(), v64.unsqueeze(2))
-    return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, log_probs, output)
+    scores = _scores(q64, k64, scale, softcap).masked_fill(~mask, 0.0)
+    log_probs = torch.log_softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
+    probs = log_probs.exp()
+    output = torch.matmul(probs, v64.unsqueeze(2))
+    return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, log_probs, probs, output)
 
 
 def attention_error(

@@ -1,0 +1,174 @@
+"""gear_lab.sweep on the real SmolLM2 dump: row layout, measured sizes, shared work, bad input."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gear_lab import metrics, open_dump
+from gear_lab.compress import compress, get_preset
+from gear_lab.errors import ConfigError
+from gear_lab.sweep import ATTENTION_COLUMNS, expand_grid, parse_grid, sweep
+
+# the module itself (``gear_lab.sweep`` as an attribute is the function)
+sweep_module = importlib.import_module("gear_lab.sweep")
+
+
+def test_rows_columns_and_measured_sizes(smol_dump):
+    grid = {"bits": [2, 4], "rank": [0, 2]}
+    df = sweep(smol_dump, grid, layers="0,3", samples=(0, 1), progress=False)
+    with open_dump(smol_dump) as dump:
+        kv_heads = dump.num_kv_heads
+        assert len(df) == 2 * 2 * kv_heads * 2 * 4  # samples x layers x heads x kinds x configs
+        assert not df.duplicated(["sample", "layer", "head", "kind", "config"]).any()
+        assert set(df["config"]) == {c.name for c in expand_grid(grid)}
+        assert df[list(ATTENTION_COLUMNS)].notna().all().all()  # the dump holds queries
+        assert (df.loc[df["kind"] == "values", ["score_rel", "kl", "tv"]] == 0).all().all()
+        assert (df["bits_per_entry"] == 8 * df["nbytes"] / df["numel"]).all()
+
+        # one row recomputed by hand: compress that head alone with that config
+        row = df[(df["sample"] == 1) & (df["layer"] == 3) & (df["head"] == 2)]
+        row = row[(row["kind"] == "keys") & (row["bits"] == 2) & (row["rank"] == 2)].iloc[0]
+        x = dump.load("keys", 3, sample=1)[None, 2:3]
+        packed = compress(x, get_preset("gear", bits=2, rank=2), kind="keys")
+        assert row["nbytes"] == packed.nbytes and row["numel"] == x.numel()
+        assert row["rel_fro"] == pytest.approx(
+            metrics.reconstruction(x, packed.decompress())["rel_fro"], rel=1e-12
+        )
+        ref = metrics.attention_reference(
+            dump.load("queries", 3, sample=1)[None, 6:9],
+            dump.load("keys", 3, sample=1)[None, 2:3],
+            dump.load("values", 3, sample=1)[None, 2:3],
+        )
+        assert row["output_rel"] == pytest.approx(
+            ref.error(k_hat=packed.decompress())["output_rel"], rel=1e-9
+        )
+    # more bits, lower error; a rank adds measured bytes
+    mean = df.groupby(["kind", "bits", "rank"])[["rel_fro", "bits_per_entry"]].mean()
+    for kind in ("keys", "values"):
+        assert mean.loc[(kind, 4, 0), "rel_fro"] < mean.loc[(kind, 2, 0), "rel_fro"]
+        assert mean.loc[(kind, 2, 2), "bits_per_entry"] > mean.loc[(kind, 2, 0), "bits_per_entry"]
+
+
+def test_ranks_share_one_svd_and_attention_once_per_layer(smol_dump, monkeypatch):
+    svd_calls, ref_calls, group_calls = [], [], []
+    real_svd, real_ref = torch.linalg.svd, metrics.attention_reference
+    real_ranks = sweep_module.compress_ranks
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda *a, **k: svd_calls.append(1) or real_svd(*a, **k)
+    )
+    monkeypatch.setattr(
+        metrics, "attention_reference", lambda *a, **k: ref_calls.append(1) or real_ref(*a, **k)
+    )
+    monkeypatch.setattr(
+        sweep_module,
+        "compress_ranks",
+        lambda x, c, ranks, kind: group_calls.append(list(ranks)) or real_ranks(x, c, ranks, kind),
+    )
+    grid = {"bits": [2], "outliers": [0.0], "rank": [1, 2, 4], "lowrank": ["svd"]}
+    df = sweep(
+        smol_dump, grid, layers=[0, 1], kinds=("keys", "values"), heads=[0, 2], progress=False
+    )
+    matrices = 2 * 2 * 2  # layers x kinds x heads, one [seq, head_dim] matrix each
+    assert len(df) == matrices * 3
+    assert len(svd_calls) == matrices  # not 3 x: one SVD serves ranks 1, 2 and 4
+    assert group_calls == [[1, 2, 4]] * matrices
+    assert len(ref_calls) == 2  # one exact attention per (sample, layer)
+
+    # sharing changes nothing: each config compressed alone gives the same rows
+    alone = sweep(
+        smol_dump, expand_grid(grid)[2:], layers=[1], kinds=("values",), heads=[2], progress=False
+    )
+    shared = df[
+        (df["layer"] == 1) & (df["kind"] == "values") & (df["head"] == 2) & (df["rank"] == 4)
+    ]
+    assert alone["rel_fro"].iloc[0] == shared["rel_fro"].iloc[0]
+    assert alone["nbytes"].iloc[0] == shared["nbytes"].iloc[0]
+
+
+def test_identity_whole_layer_and_nan_attention(smol_dump):
+    df = sweep(smol_dump, [get_preset("none")], layers=[2], per_head=False, progress=False)
+    assert list(df["head"]) == [-1, -1]
+    assert (df["rel_fro"] == 0).all() and (df["bits_per_entry"] == 32).all()  # float32 dump
+    assert (df[list(ATTENTION_COLUMNS)] == 0).all().all()
+
+    off = sweep(
+        smol_dump,
+        {"method": ["kivi"]},
+        layers=[2],
+        kinds=("keys", "keys_pre_rope"),
+        heads=[1],
+        attention=False,
+        progress=False,
+    )
+    assert off[list(ATTENTION_COLUMNS)].isna().all().all()
+    assert (off["block_size"] == 64).all() and (off["rel_fro"] > 0).all()
+    pre = sweep(
+        smol_dump, {"method": ["kivi"]}, layers=[2], kinds=("keys_pre_rope",), progress=False
+    )
+    assert pre[list(ATTENTION_COLUMNS)].isna().all().all()
+
+
+def test_expand_grid():
+    configs = expand_grid({"method": ["gear", "kivi"], "bits": [2, 4], "rank": 2})
+    assert [c.name for c in configs] == [
+        "gear[bits=2,rank=2]",
+        "gear[bits=4,rank=2]",
+        "kivi[bits=2,rank=2]",
+        "kivi[bits=4,rank=2]",
+    ]
+    assert configs[3].values.bits == 4 and configs[3].keys.rank == 2
+    assert [c.name for c in expand_grid({"bits": [3]})] == ["gear[bits=3]"]
+    with pytest.raises(ConfigError, match="unknown preset override"):
+        expand_grid({"bitz": [2]})
+    with pytest.raises(ConfigError, match="no values"):
+        expand_grid({"bits": []})
+    with pytest.raises(ConfigError, match="non-empty"):
+        expand_grid({})
+
+
+names = st.sampled_from(["bits", "rank", "group_size", "outliers", "key_bits", "loops"])
+values = st.one_of(st.integers(0, 512), st.floats(0, 1, allow_nan=False), st.none(), st.booleans())
+
+
+@settings(max_examples=50, deadline=None)
+@given(grid=st.dictionaries(names, st.lists(values, min_size=1, max_size=4), min_size=1))
+def test_parse_grid_round_trips(grid):
+    def fmt(v):
+        return "none" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+
+    text = "; ".join(f"{k.replace('_', '-')}={','.join(map(fmt, vs))}" for k, vs in grid.items())
+    parsed = parse_grid(text)
+    assert parsed == grid
+    for k, vs in grid.items():
+        assert [type(v) for v in parsed[k]] == [type(v) for v in vs]
+
+
+def test_parse_grid_words_and_errors():
+    assert parse_grid("method=none,gear-l;lowrank=svd;") == {
+        "method": ["none", "gear-l"],
+        "lowrank": ["svd"],
+    }
+    for bad in ("", "bits", "bits=", "bits=2,;rank=1", "bits=2;bits=4", "=2"):
+        with pytest.raises(ConfigError, match="grid"):
+            parse_grid(bad)
+
+
+def test_bad_sweep_input(smol_dump):
+    grid = [get_preset("quant")]
+    with pytest.raises(ConfigError, match="kind must be"):
+        sweep(smol_dump, grid, kinds=("queries",), progress=False)
+    with pytest.raises(ConfigError, match="layers"):
+        sweep(smol_dump, grid, layers=[99], progress=False)
+    with pytest.raises(ConfigError, match="samples"):
+        sweep(smol_dump, grid, samples=(5,), progress=False)
+    with pytest.raises(ConfigError, match="heads"):
+        sweep(smol_dump, grid, heads=[3], progress=False)
+    with pytest.raises(ConfigError, match="CompressionConfig"):
+        sweep(smol_dump, ["gear"], progress=False)
+    with pytest.raises(ConfigError, match="no config"):
+        sweep(smol_dump, [], progress=False)
