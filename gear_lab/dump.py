@@ -101,19 +101,21 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _prepare_target(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Check that ``out`` may be written (folder exists and is writable, no file unless overwrite)."""
+def _check_target(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Check, creating nothing, that ``out`` may be written: no file there unless ``overwrite``,
+    and its folder exists and is writable, or can be created inside a writable folder."""
     path = Path(out).expanduser()
     if path.exists() and not overwrite:
         raise DumpExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if path.is_dir():
         raise CaptureError(f"{path} is a folder, not a dump file path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CaptureError(f"cannot create output folder {path.parent}: {err.strerror}") from err
-    if not os.access(path.parent, os.W_OK):
-        raise CaptureError(f"output folder {path.parent} is not writable")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CaptureError(f"output folder {path.parent} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise CaptureError(f"output folder {existing} is not writable")
     return path
 
 
@@ -132,7 +134,8 @@ def write_dump(
     Written to a temporary file in the target folder and renamed into place only on success;
     any exception (KeyboardInterrupt included) removes the temporary file.
     """
-    path = _prepare_target(out, overwrite)
+    path = _check_target(out, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
     infos = layer_infos(model)
     dtype = next(model.parameters()).dtype
     storage = _storage_dtype(dtype)
@@ -226,7 +229,7 @@ def capture_dump(
         raise ConfigError("prompts must be a non-empty list of non-empty strings")
     if max_tokens < 1 or samples < 1:
         raise ConfigError(f"max_tokens and samples must be >= 1, got {max_tokens} and {samples}")
-    _prepare_target(out, overwrite)  # fail before the slow model load
+    _check_target(out, overwrite)  # fail before the slow model load
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype)
     lm, tokenizer = loaded
