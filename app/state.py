@@ -15,7 +15,9 @@ widget block. Errors a user can cause (:class:`gear_lab.errors.GearLabError`) ar
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +31,13 @@ import torch
 from gear_lab import metrics
 from gear_lab.compress import CompressionConfig, compress, get_preset, list_presets
 from gear_lab.dump import open_dump
-from gear_lab.errors import GearLabError
+from gear_lab.errors import DumpError, GearLabError
 from gear_lab.sweep import sweep
 
 DUMP_ENV = "GEAR_LAB_DUMP"  # set by `gear-lab app DUMP`
 DUMP_KEY = "dump_path"  # session-state key of the dump chosen on the Dumps page
 DUMPS_DIR = Path("dumps")
+UPLOAD_DIR = Path(tempfile.gettempdir()) / "gear-lab-uploads"
 MODEL = "smollm2-135m"
 
 # widget choices; names follow the library's one-name-per-concept convention
@@ -49,7 +52,7 @@ MAX_RANK = 32
 
 def show_error(err: Exception) -> None:
     """One-line error message in the page (the exception's own message, no traceback)."""
-    st.error(f"{type(err).__name__}: {err}", icon="⚠️")
+    st.error(f"{type(err).__name__}: {err}", icon=":material/error:")
 
 
 @contextmanager
@@ -98,13 +101,36 @@ def require_dump() -> tuple[tuple[str, float], dict[str, Any]]:
     path = current_dump()
     if path is None:
         st.info("No dump yet: choose, upload or capture one on the Dumps page.")
-        st.page_link("app_pages/dumps.py", label="Go to Dumps", icon="📦")
+        st.page_link("app_pages/dumps.py", label="Go to Dumps", icon=":material/database:")
         st.stop()
     with user_errors():
         key = dump_key(path)
         info = dump_info(*key)
     st.sidebar.caption(f"dump: `{Path(key[0]).name}` ({info['model_id']})")
     return key, info
+
+
+def save_upload(name: str, data: bytes, limit_mb: int) -> Path:
+    """Write an uploaded file to a temporary ``.h5`` (atomically) and validate it as a dump.
+
+    Uploads are only ever read as HDF5 through :func:`open_dump` (never unpickled); one over
+    ``limit_mb`` or not a valid dump raises :class:`DumpError` and leaves no file behind.
+    """
+    if len(data) > limit_mb * 2**20:
+        raise DumpError(
+            f"{name} is {len(data) / 2**20:.1f} MB, over the {limit_mb} MB upload limit"
+        )
+    UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    out = UPLOAD_DIR / f"{Path(name).stem}-{hashlib.sha256(data).hexdigest()[:12]}.h5"
+    part = out.with_name(out.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, out)
+    try:
+        open_dump(out).close()
+    except GearLabError:
+        out.unlink(missing_ok=True)
+        raise
+    return out
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import state
 import streamlit as st
 
-from gear_lab.dump import capture_dump, open_dump
+from gear_lab.dump import capture_dump
 from gear_lab.errors import DumpError, GearLabError
-
-UPLOAD_DIR = Path(tempfile.gettempdir()) / "gear-lab-uploads"
 
 st.title("Dumps")
 st.caption(
     "A dump holds real per-layer keys, values (and queries) of a model on some text, "
     "in HDF5. Every page reads the dump chosen here."
 )
-
-
-def save_upload(name: str, data: bytes) -> Path:
-    """Write an uploaded file to a temporary ``.h5`` (atomically) and validate it as a dump.
-
-    Uploads are only ever opened as HDF5 through :func:`open_dump`; an invalid one is deleted
-    and raises :class:`DumpError`.
-    """
-    limit_mb = int(st.get_option("server.maxUploadSize"))
-    if len(data) > limit_mb * 2**20:
-        raise DumpError(
-            f"{name} is {len(data) / 2**20:.0f} MB, over the {limit_mb} MB upload limit"
-        )
-    UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    out = UPLOAD_DIR / f"{Path(name).stem}-{hashlib.sha256(data).hexdigest()[:12]}.h5"
-    if not out.exists():
-        part = out.with_suffix(".part")
-        part.write_bytes(data)
-        os.replace(part, out)
-    try:
-        open_dump(out).close()
-    except GearLabError:
-        out.unlink(missing_ok=True)
-        raise
-    return out
 
 
 # --------------------------------------------------------------------------- choose
@@ -70,7 +40,9 @@ with right:
     upload = st.file_uploader("or upload a dump (.h5)", type=["h5", "hdf5"], key="dumps-upload")
     if upload is not None and st.session_state.get("dumps-uploaded") != upload.file_id:
         try:
-            path = save_upload(upload.name, upload.getvalue())
+            path = state.save_upload(
+                upload.name, upload.getvalue(), int(st.get_option("server.maxUploadSize"))
+            )
         except GearLabError as err:
             state.show_error(err)
         else:
@@ -115,13 +87,19 @@ if current is not None:
 st.subheader("Capture a new dump")
 with st.form("capture"):
     c1, c2, c3 = st.columns(3)
-    name = c1.text_input("file name (in dumps/)", value="smollm2-135m-pydoc.h5")
-    samples = c2.number_input("samples (pydoc texts)", 1, 16, 2)
-    max_tokens = c3.number_input("tokens per sample", 16, 2048, 512, step=16)
-    with_queries = c1.checkbox("with queries (for attention error)", value=True)
-    pre_rope = c2.checkbox("with pre-RoPE keys", value=False)
-    overwrite = c3.checkbox("overwrite", value=False)
-    submitted = st.form_submit_button("Capture from the embedded model", type="primary")
+    name = c1.text_input("file name (in dumps/)", "smollm2-135m-pydoc.h5", key="capture-name")
+    samples = c2.number_input("samples (pydoc texts)", 1, 16, 2, key="capture-samples")
+    max_tokens = c3.number_input(
+        "tokens per sample", 16, 2048, 512, step=16, key="capture-max-tokens"
+    )
+    with_queries = c1.checkbox(
+        "with queries (for attention error)", value=True, key="capture-queries"
+    )
+    pre_rope = c2.checkbox("with pre-RoPE keys", value=False, key="capture-pre-rope")
+    overwrite = c3.checkbox("overwrite", value=False, key="capture-overwrite")
+    submitted = st.form_submit_button(
+        "Capture from the embedded model", type="primary", key="capture-submit"
+    )
 if submitted:
     out = state.DUMPS_DIR / name
     try:

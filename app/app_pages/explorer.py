@@ -49,11 +49,11 @@ for name, col in zip(names, columns, strict=True):
         c = st.columns(4)
         c[0].metric("relative error", state.fmt(m["rel_fro"]), help="||X̂ - X||_F / ||X||_F")
         c[1].metric("bits per entry", state.fmt(res["bits_per_entry"]), help="measured")
-        c[2].metric("vs fp16", f"{16 / res['bits_per_entry']:.2f}x smaller")
+        c[2].metric("smaller than fp16", f"{16 / res['bits_per_entry']:.2f}x")
         c[3].metric("SNR (dB)", state.fmt(m["snr_db"]))
         c = st.columns(4)
         c[0].metric(f"head {head} rel. error", state.fmt(head_m["rel_fro"]))
-        c[1].metric("cosine", state.fmt(m["cosine"], 6))
+        c[1].metric("cosine", state.fmt(m["cosine"]))
         c[2].metric("max |error|", state.fmt(m["max_abs"]))
         if attn is not None:
             c[3].metric("attention KL", state.fmt(attn["kl"]), help="mean KL(p || p̂) per query")

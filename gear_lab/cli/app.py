@@ -43,6 +43,7 @@ def streamlit_command(script: Path, *, host: str, port: int, max_upload_mb: int)
         "--server.headless=true",
         f"--server.maxUploadSize={max_upload_mb}",
         "--browser.gatherUsageStats=false",
+        "--client.toolbarMode=minimal",
     ]
 
 
