@@ -25,7 +25,7 @@ from gear_lab.compress.quantize import (
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Fp8Tensor:
     """One fp8 byte per entry plus a float16 scale per group."""
 
@@ -57,13 +57,13 @@ def fp8_quantize(
     """Round ``x`` ``[..., seq, head_dim]`` to fp8 ``fmt`` after scaling each group's absmax
     (ignoring ``exclude``) to the format's largest finite value; all-zero groups stay zero."""
     fp8 = FP8_DTYPES[fmt]
-    work = x.to(compute_dtype(x.dtype))
-    grouped = to_groups(work, axis, group_size)
+    work = compute_dtype(x.dtype)
+    grouped = to_groups(x.to(work), axis, group_size)
     if exclude is not None:
         exclude = to_groups(exclude.expand(x.shape), axis, group_size)
     lo, hi = group_range(grouped, axis, exclude)
     scale = to_half(torch.maximum(-lo, hi) / torch.finfo(fp8).max, math.inf)
-    scale_w = scale.to(work.dtype)
+    scale_w = scale.to(work)
     inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
     limit = torch.finfo(fp8).max
     scaled = from_groups((grouped * inverse).clamp_(-limit, limit), axis, x.shape[group_dim(axis)])

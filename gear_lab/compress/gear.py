@@ -42,7 +42,7 @@ _PARTS = {
 PARTS = ("codes", "scales", "outliers", "lowrank", "full_precision")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Compressed:
     """What a compressed cache keeps for one ``[batch, kv_heads, seq, head_dim]`` tensor.
 
@@ -141,7 +141,7 @@ def _check_input(x: Tensor) -> None:
         raise TensorError(
             f"compress needs a non-empty [batch, kv_heads, seq, head_dim] tensor, got {tuple(x.shape)}"
         )
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(torch.stack(torch.aminmax(x))).all():
         raise TensorError("input holds NaN or Inf values")
 
 
@@ -170,13 +170,13 @@ def _compress_body(
     source = body
     if tc.rotate:
         source = rotate(body.to(work), tc.seed).to(body.dtype)
-    x = source.to(work)
     outliers = None
     if outlier_count(tc.outliers, body.shape[group_dim(tc.outlier_axis)]) > 0:
         outliers = extract_outliers(source, tc.outliers, tc.outlier_mode, tc.outlier_axis, ignore)
     exclude = outliers.mask() if outliers is not None else None
     if ignore is not None:
         exclude = ignore.expand(body.shape) if exclude is None else exclude | ignore
+    x = source.to(work)
     base: Quantized | Fp8Tensor | None = None
     if tc.bits is not None:
         base = quantize(x, tc.bits, tc.axis, tc.group_size, exclude)
@@ -184,9 +184,15 @@ def _compress_body(
         base = fp8_quantize(x, tc.fp8, tc.axis, tc.group_size, exclude)
     factors: list[LowRank | None] = [None] * len(ranks)
     if max(ranks) > 0:
-        residual = x - base.dequantize(work) if base is not None else x
-        if exclude is not None:
-            residual = residual.masked_fill(exclude, 0.0)
+        if base is None:
+            residual = x.clone()
+        else:
+            residual = base.dequantize(work)
+            torch.sub(x, residual, out=residual)
+        if outliers is not None:
+            outliers.clear(residual)
+        if ignore is not None:
+            residual.masked_fill_(ignore, 0.0)
         if tc.lowrank == "svd":
             full = svd_lowrank(residual, max(ranks))
             factors = [full.truncate(r) if r else None for r in ranks]

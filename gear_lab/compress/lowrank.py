@@ -2,9 +2,9 @@
 matrix, by exact SVD or by seeded randomized power (subspace) iteration.
 
 Inputs are ``[..., seq, head_dim]`` (canonically ``[batch, kv_heads, seq, head_dim]``); every
-leading index is its own matrix. Factors are stored in float16, balanced as
-``U sqrt(S)`` and ``sqrt(S) V^T`` and ordered by singular value, so truncating them to a
-smaller rank gives that rank's approximation.
+leading index is its own matrix. Factors are stored in float16; SVD factors are
+balanced as ``U sqrt(S)`` and ``sqrt(S) V^T`` and ordered by singular value, so truncating
+them gives the best approximation of the smaller rank.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LowRank:
     """``left`` ``[..., seq, r]`` and ``right`` ``[..., r, head_dim]``, float16."""
 
@@ -31,7 +31,7 @@ class LowRank:
         return self.left.to(dtype) @ self.right.to(dtype)
 
     def truncate(self, rank: int) -> LowRank:
-        """The leading ``rank`` components."""
+        """The leading ``rank`` components (the best of that rank for SVD factors)."""
         return LowRank(self.left[..., :rank], self.right[..., :rank, :])
 
     def tensors(self) -> dict[str, Tensor]:
@@ -62,14 +62,14 @@ def gaussian_start(cols: int, rank: int, seed: int, device: torch.device, dtype:
 def power_lowrank(r: Tensor, rank: int, loops: int = 3, seed: int = 0) -> LowRank:
     """Rank-``rank`` factors by randomized subspace iteration (Halko et al. 2011): a seeded
     Gaussian start, ``loops`` applications of ``R R^T`` with QR re-orthonormalisation after
-    every product, then an exact SVD of the small ``[rank, head_dim]`` projection."""
+    every product; ``left`` is the orthonormal basis ``Q``, ``right`` the projection
+    ``Q^T R`` (components are not ordered: use :func:`svd_lowrank` to truncate)."""
     q = torch.linalg.qr(r @ gaussian_start(r.shape[-1], rank, seed, r.device, r.dtype)).Q
     rt = r.mT
     for _ in range(loops):
         z = torch.linalg.qr(rt @ q).Q
         q = torch.linalg.qr(r @ z).Q
-    u, s, vh = torch.linalg.svd(q.mT @ r, full_matrices=False)
-    return _factors(q @ u, s, vh)
+    return LowRank(q.to(torch.float16), (q.mT @ r).to(torch.float16))
 
 
 def lowrank(r: Tensor, rank: int, method: str = "power", loops: int = 3, seed: int = 0) -> LowRank:

@@ -31,7 +31,7 @@ def index_dtype(length: int) -> torch.dtype:
     return torch.int32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Outliers:
     """``values`` (input dtype) at ``indices`` (smallest int dtype) along ``axis``; for
     ``token`` both are ``[..., seq, k]``, for ``channel`` ``[..., k, head_dim]``."""
@@ -49,6 +49,10 @@ class Outliers:
     def scatter_into(self, y: Tensor) -> Tensor:
         """``y`` (``[..., seq, head_dim]``) with the outliers written in place."""
         return y.scatter_(group_dim(self.axis), self.indices.long(), self.values.to(y.dtype))
+
+    def clear(self, y: Tensor) -> Tensor:
+        """``y`` (``[..., seq, head_dim]``) with zeros written in place at the outliers."""
+        return y.scatter_(group_dim(self.axis), self.indices.long(), 0.0)
 
     def tensors(self) -> dict[str, Tensor]:
         """What is stored: ``outlier_values`` and ``outlier_indices``."""

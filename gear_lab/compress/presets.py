@@ -209,7 +209,7 @@ def list_presets() -> list[str]:
     return list(_PRESETS)
 
 
-def get_preset(name: str, **overrides: Any) -> CompressionConfig:
+def get_preset(name: str, /, **overrides: Any) -> CompressionConfig:
     """The preset ``name`` with ``overrides`` applied.
 
     An override is a :class:`TensorCompression` field (``bits``, ``group_size``, ``rank``,

@@ -78,35 +78,49 @@ def to_half(value: Tensor, direction: float) -> Tensor:
     return half
 
 
+def _lanes(width: int, keep: int) -> int:
+    """A 64-bit mask keeping the low ``keep`` bits of every ``width``-bit lane."""
+    lane = (1 << keep) - 1
+    return sum(lane << shift for shift in range(0, 64, width))
+
+
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack integer codes ``< 2**bits`` densely into uint8: 8 codes fill ``bits`` bytes
-    (e.g. four 2-bit codes per byte; 3-bit codes cross byte boundaries). Returns a 1-D uint8
-    tensor of ``ceil(numel / 8) * bits`` bytes; code ``i`` of each 8 sits at bit ``bits * i``
-    (little endian)."""
-    flat = codes.reshape(-1)
+    """Pack integer codes ``< 2**bits`` densely into uint8: every 8 codes fill ``bits`` bytes
+    (e.g. four 2-bit codes per byte; 3-bit codes cross byte boundaries). Code ``i`` of each 8
+    sits at bit ``bits * i`` (little endian). Returns ``ceil(numel / 8) * bits`` bytes, 1-D.
+
+    Each 8 codes are read as one int64 and compacted in three shift-and-mask steps.
+    """
+    flat = codes.reshape(-1).to(torch.uint8)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     if bits == 8:
-        return flat.to(torch.uint8)
-    shifts = torch.arange(0, 8 * bits, bits, device=flat.device, dtype=torch.int64)
-    words = (flat.view(-1, 8).to(torch.int64) << shifts).sum(-1, keepdim=True)
-    byte_shifts = torch.arange(0, 8 * bits, 8, device=flat.device, dtype=torch.int64)
-    return ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+        return flat
+    words = flat.view(torch.int64)
+    for width in (16, 32, 64):  # join the two halves of every lane: k bits each
+        k = bits * width // 16
+        low = _lanes(width, k)
+        words = (words & low) | ((words >> (width // 2 - k)) & (low << k))
+    return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_codes`: the first ``numel`` codes as a 1-D uint8 tensor."""
     if bits == 8:
         return packed[:numel]
-    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int64)
-    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(-1, keepdim=True)
-    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)
-    codes = ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
-    return codes.reshape(-1)[:numel]
+    rows = packed.view(-1, bits)
+    words = torch.zeros(rows.shape[0], 8, dtype=torch.uint8, device=packed.device)
+    words[:, :bits] = rows
+    words = words.view(torch.int64)
+    for width in (64, 32, 16):  # split every lane's 2k low bits into its two halves
+        k = bits * width // 16
+        low = _lanes(width, k)
+        words = (words & low) | ((words & (low << k)) << (width // 2 - k))
+    return words.view(torch.uint8).reshape(-1)[:numel]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Quantized:
     """Packed codes plus float16 scale and zero point per group (``x ~ zero + code * scale``)."""
 
@@ -121,7 +135,7 @@ class Quantized:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The reconstruction ``[..., seq, head_dim]`` in ``dtype``."""
         codes = unpack_codes(self.codes, self.bits, math.prod(self.shape)).view(self.shape)
-        grouped = to_groups(codes, self.axis, self.group_size).to(dtype)
+        grouped = to_groups(codes.to(dtype), self.axis, self.group_size)
         values = torch.addcmul(self.zero.to(dtype), grouped, self.scale.to(dtype))
         return from_groups(values, self.axis, self.shape[group_dim(self.axis)])
 
@@ -145,15 +159,15 @@ def quantize(
     constant group gets scale 0 and is exact (for float16 / bfloat16 input).
     """
     levels = (1 << bits) - 1
-    work = x.to(compute_dtype(x.dtype))
-    grouped = to_groups(work, axis, group_size)
+    work = compute_dtype(x.dtype)
+    grouped = to_groups(x.to(work), axis, group_size)
     if exclude is not None:
         exclude = to_groups(exclude.expand(x.shape), axis, group_size)
     lo, hi = group_range(grouped, axis, exclude)
     zero = to_half(lo, -math.inf)
-    scale = to_half((hi - zero.to(work.dtype)) / levels, math.inf)
-    scale_w = scale.to(work.dtype)
+    scale = to_half((hi - zero.to(work)) / levels, math.inf)
+    scale_w = scale.to(work)
     inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
-    codes = ((grouped - zero.to(work.dtype)) * inverse).round_().clamp_(0, levels)
+    codes = torch.sub(grouped, zero.to(work)).mul_(inverse).round_().clamp_(0, levels)
     codes = from_groups(codes.to(torch.uint8), axis, x.shape[group_dim(axis)])
     return Quantized(pack_codes(codes, bits), scale, zero, bits, axis, group_size, x.shape)
