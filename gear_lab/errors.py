@@ -11,6 +11,14 @@ class ConfigError(GearLabError, ValueError):
     """A compression / capture setting is out of range or inconsistent."""
 
 
+class TensorError(GearLabError, ValueError):
+    """An input tensor has a wrong shape or dtype, or holds NaN / Inf."""
+
+
+class KernelUnavailableError(GearLabError, RuntimeError):
+    """A fused kernel cannot run here (Triton missing, or no CUDA device and no interpreter)."""
+
+
 class ModelError(GearLabError):
     """A model name or path cannot be resolved or loaded."""
 
