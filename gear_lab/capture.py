@@ -186,9 +186,10 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
 
 @contextmanager
 def _hooks(
-    modules: dict[int, nn.Module], with_queries: bool, pre_rope_keys: bool
+    modules: dict[int, nn.Module], with_queries: bool, pre_rope_keys: bool, bar: tqdm
 ) -> Iterator[dict[int, dict[str, Any]]]:
-    """Record per layer the pre-RoPE q / k (``[b, heads, seq, d]``) and the rotary cos / sin."""
+    """Record per layer the pre-RoPE q / k (``[b, heads, seq, d]``) and the rotary cos / sin;
+    advance ``bar`` as each attention module finishes."""
     seen: dict[int, dict[str, Any]] = {i: {} for i in modules}
     handles = []
 
@@ -200,6 +201,9 @@ def _hooks(
 
         return hook
 
+    def tick(*_: Any) -> None:  # returns None: a forward hook's return value replaces the output
+        bar.update(1)
+
     def keep_rope(layer: int):
         def hook(_mod: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
             seen[layer]["rope"] = kwargs["position_embeddings"]
@@ -209,6 +213,7 @@ def _hooks(
     try:
         for i, attn in modules.items():
             head_dim = attn.head_dim
+            handles.append(attn.register_forward_hook(tick))
             if with_queries:
                 src = getattr(attn, "q_norm", None) or attn.q_proj
                 handles.append(src.register_forward_hook(keep(i, "q", head_dim)))
@@ -264,7 +269,7 @@ def capture_samples(
             if ids.numel() == 0:
                 raise CaptureError(f"prompt {text[:40]!r} tokenizes to nothing")
             cache = DynamicCache()  # no config: sliding-window layers keep every token
-            with _hooks(chosen, with_queries, pre_rope_keys) as seen, torch.inference_mode():
+            with _hooks(chosen, with_queries, pre_rope_keys, bar) as seen, torch.inference_mode():
                 model(input_ids=ids[None].to(device), cache=cache, use_cache=True, logits_to_keep=1)
             out: dict[int, dict[str, torch.Tensor]] = {}
             for i, attn in chosen.items():
@@ -277,7 +282,6 @@ def capture_samples(
                     if with_queries:
                         tensors["queries"] = _rotary(attn)(seen[i]["q"], k_pre, cos, sin)[0][0]
                 out[i] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-                bar.update(1)
             yield CapturedSample(text=text, token_ids=ids.clone(), layers=out)
     finally:
         bar.close()

@@ -85,31 +85,24 @@ def test_short_prompt_kv_equal_model_cache_exactly(smol, tmp_path):
             assert torch.equal(dump.load("values", layer), cache.layers[layer].values[0])
 
 
-@pytest.mark.parametrize("layer", [0, 14, 29])
-def test_dumped_qkv_reproduce_the_attention_output(smol, smol_dump, layer):
+def test_dumped_qkv_reproduce_the_attention_output(smol, smol_dump):
     model, _ = smol
+    layers = [0, 14, 29]
     with open_dump(smol_dump) as dump:
         for sample in range(dump.num_samples):
-            ids = dump.token_ids(sample)
-            info = dump.layer_info(layer)
-            expected = _attention_inputs_of_o_proj(model, ids, [layer])[layer]
-            got = _reference_attention(
-                dump.load("queries", layer, sample),
-                dump.load("keys", layer, sample),
-                dump.load("values", layer, sample),
-                info["scaling"],
-                info["sliding_window"],
-            )
-            torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-5)
-            # and the check has teeth: pre-RoPE keys do not reproduce it
-            wrong = _reference_attention(
-                dump.load("queries", layer, sample),
-                dump.load("keys_pre_rope", layer, sample),
-                dump.load("values", layer, sample),
-                info["scaling"],
-                None,
-            )
-            assert not torch.allclose(wrong.float(), expected, rtol=1e-4, atol=1e-5)
+            expected = _attention_inputs_of_o_proj(model, dump.token_ids(sample), layers)
+            for layer in layers:
+                info = dump.layer_info(layer)
+                q, v = dump.load("queries", layer, sample), dump.load("values", layer, sample)
+                got = _reference_attention(
+                    q, dump.load("keys", layer, sample), v, info["scaling"], info["sliding_window"]
+                )
+                torch.testing.assert_close(got.float(), expected[layer], rtol=1e-4, atol=1e-5)
+                # the check has teeth: pre-RoPE keys do not reproduce it
+                wrong = _reference_attention(
+                    q, dump.load("keys_pre_rope", layer, sample), v, info["scaling"], None
+                )
+                assert not torch.allclose(wrong.float(), expected[layer], rtol=1e-4, atol=1e-5)
 
 
 def test_pre_rope_keys_rotate_into_the_cached_keys(smol, smol_dump):
@@ -135,6 +128,17 @@ def test_capture_samples_layers_and_kinds(smol):
     for tensors in sample.layers.values():
         assert set(tensors) == {"keys", "values"}
         assert tensors["keys"].shape == (3, 5, 64)
+
+
+def test_progress_bar_does_not_change_the_tensors(smol):
+    model, tokenizer = smol
+    quiet, shown = (
+        next(capture_samples(model, tokenizer, [PROMPT], 12, layers="0,5", progress=p))
+        for p in (False, True)
+    )
+    for layer in (0, 5):
+        for kind in ("keys", "values"):
+            assert torch.equal(quiet.layers[layer][kind], shown.layers[layer][kind])
 
 
 def test_llama_layer_infos(smol):
