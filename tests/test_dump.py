@@ -203,3 +203,27 @@ def test_interrupted_capture_leaves_nothing(smol, tmp_path, error):
     with pytest.raises(error):
         write_dump(tmp_path / "d.h5", interrupted(), model, [0], ["keys", "values"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("dtype", "stored"), [("bfloat16", "float32"), ("float16", "float16")])
+def test_half_precision_capture(tmp_path, dtype, stored):
+    from transformers import DynamicCache
+
+    from gear_lab import load_model
+
+    model, tokenizer = load_model("smollm2-135m", device="cpu", dtype=dtype)
+    path = capture_dump(
+        tmp_path / "h.h5",
+        prompts=PROMPTS[:1],
+        layers="2",
+        progress=False,
+        loaded=(model, tokenizer),
+    )
+    with open_dump(path) as dump:
+        assert dump.metadata["dtype"] == dtype and dump.metadata["storage_dtype"] == stored
+        keys = dump.load("keys", 2)
+        assert keys.dtype == getattr(torch, stored)
+        reference = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=dump.token_ids(0)[None], cache=reference, use_cache=True)
+        assert torch.equal(keys.to(model.dtype), reference.layers[2].keys[0])
