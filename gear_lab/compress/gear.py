@@ -145,6 +145,16 @@ def _check_input(x: Tensor) -> None:
         raise TensorError("input holds NaN or Inf values")
 
 
+def _check_ignore(ignore: Tensor, x: Tensor) -> None:
+    ok = isinstance(ignore, Tensor) and ignore.dtype == torch.bool and ignore.dim() == x.dim()
+    try:
+        ok = ok and torch.broadcast_shapes(ignore.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise TensorError(f"ignore must be a bool tensor broadcastable to {tuple(x.shape)}")
+
+
 def _split(x: Tensor, block_size: int | None) -> tuple[Tensor | None, Tensor | None]:
     """``(body, rest)``: full blocks as ``[..., n_blocks, n_b, d]`` and the trailing tokens."""
     if block_size is None:
@@ -231,8 +241,8 @@ def compress_ranks(
             raise ConfigError(f"ranks must be integers >= 0, got {r!r}")
     tc, block_size = _resolve(config, kind)
     _check_input(x)
-    if ignore is not None and (ignore.dtype != torch.bool or ignore.dim() != x.dim()):
-        raise TensorError("ignore must be a bool tensor broadcastable to x")
+    if ignore is not None:
+        _check_ignore(ignore, x)
     body, rest = _split(x, block_size)
     ignored_body = None
     if ignore is not None and body is not None:

@@ -136,7 +136,7 @@ class Quantized:
         """The reconstruction ``[..., seq, head_dim]`` in ``dtype``."""
         codes = unpack_codes(self.codes, self.bits, math.prod(self.shape)).view(self.shape)
         grouped = to_groups(codes.to(dtype), self.axis, self.group_size)
-        values = torch.addcmul(self.zero.to(dtype), grouped, self.scale.to(dtype))
+        values = grouped.mul_(self.scale.to(dtype)).add_(self.zero.to(dtype))
         return from_groups(values, self.axis, self.shape[group_dim(self.axis)])
 
     def tensors(self) -> dict[str, Tensor]:
