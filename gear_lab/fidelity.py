@@ -107,23 +107,32 @@ def make_cache(spec: CacheSpec, model: torch.nn.Module) -> Cache:
     )
 
 
-def _quantized_cache(spec: str, model: torch.nn.Module) -> Cache:
+def parse_quantized_spec(spec: str) -> tuple[str, int, int]:
+    """``"quantized:<backend>:<bits>[:<group_size>]"`` -> ``(backend, bits, group_size)``
+    (group size 64 by default); a malformed spec raises :class:`ConfigError`."""
     parts = spec.split(":")
-    if len(parts) not in (3, 4) or parts[1] not in _QUANTIZED_BACKENDS:
+    if len(parts) not in (3, 4) or parts[0] != "quantized" or parts[1] not in _QUANTIZED_BACKENDS:
         raise ConfigError(
-            f"bad baseline spec {spec!r}: use quantized:<quanto|hqq>:<bits>[:<group>]"
+            f"bad baseline spec {spec!r}: use quantized:<quanto|hqq>:<bits>[:<group_size>]"
         )
     try:
         bits, group = int(parts[2]), int(parts[3]) if len(parts) == 4 else 64
     except ValueError:
         raise ConfigError(f"bad baseline spec {spec!r}: bits and group size are integers") from None
-    if importlib.util.find_spec(_QUANTIZED_BACKENDS[parts[1]].split(".")[0]) is None:
+    if not 1 <= bits <= 8 or group < 1:
+        raise ConfigError(f"bad baseline spec {spec!r}: bits in 1..8, group size >= 1")
+    return parts[1], bits, group
+
+
+def _quantized_cache(spec: str, model: torch.nn.Module) -> Cache:
+    backend, bits, group = parse_quantized_spec(spec)
+    if importlib.util.find_spec(_QUANTIZED_BACKENDS[backend].split(".")[0]) is None:
         raise CacheError(
-            f"the {parts[1]} backend is not installed: pip install 'gear-lab[baselines]'"
+            f"the {backend} backend is not installed: pip install 'gear-lab[baselines]'"
         )
     try:
         return QuantizedCache(
-            backend=parts[1],
+            backend=backend,
             config=model.config,
             nbits=bits,
             q_group_size=group,
@@ -348,6 +357,13 @@ def window_starts(total: int, windows: int, length: int) -> list[int]:
     return [i * (total - length) // (windows - 1) for i in range(windows)]
 
 
+def validate_protocol(windows: int, prefill: int, continuation: int) -> None:
+    """Raise :class:`ConfigError` unless all three are positive integers."""
+    for name, value in (("windows", windows), ("prefill", prefill), ("continuation", continuation)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 @torch.inference_mode()
 def perplexity_check(
     model: torch.nn.Module,
@@ -369,9 +385,7 @@ def perplexity_check(
     the continuation positions). ``bits_per_entry`` is the cache's measured size right after
     prefill, in bits per cached K/V entry.
     """
-    for name, value in (("windows", windows), ("prefill", prefill), ("continuation", continuation)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    validate_protocol(windows, prefill, continuation)
     make_cache(config, model)  # validate the spec before the long run
     device = next(model.parameters()).device
     ids = _corpus_ids(tokenizer, corpus)

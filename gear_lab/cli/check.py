@@ -37,11 +37,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def cache_spec_from_args(args: argparse.Namespace):
     """The cache spec of :func:`gear_lab.fidelity.make_cache`: a config, or a baseline string."""
+    from gear_lab.fidelity import parse_quantized_spec
+
     if args.baseline is None:
         return config_from_args(args)
-    if not args.baseline.strip():
-        raise ConfigError("--baseline needs BACKEND:BITS[:GROUP], e.g. quanto:4")
-    return f"quantized:{args.baseline}"
+    spec = f"quantized:{args.baseline}"
+    parse_quantized_spec(spec)  # bad input fails before the model loads
+    return spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -34,10 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print; library errors propagate to the CLI's one-line handler."""
-    from gear_lab.fidelity import perplexity_check
+    from gear_lab.fidelity import perplexity_check, validate_protocol
     from gear_lab.models import load_model
 
     spec = cache_spec_from_args(args)
+    validate_protocol(args.windows, args.prefill, args.continuation)
     model, tokenizer = load_model(args.model, device=args.device)
     result = perplexity_check(
         model,

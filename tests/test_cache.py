@@ -1,0 +1,214 @@
+"""GearCache: streaming invariants on synthetic K/V, window semantics, and real generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache, Gemma3TextConfig
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from gear_lab.cache import GearCache
+from gear_lab.compress import get_preset
+from gear_lab.errors import CacheError, ConfigError
+
+HEADS, DIM = 2, 8
+PROMPT = "Once upon a time, there was a little"
+
+
+def _states(batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, HEADS, seq, DIM, generator=g),
+        torch.randn(batch, HEADS, seq, DIM, generator=g),
+    )
+
+
+def _feed(cache: GearCache, prompt: int, steps: int, batch: int = 1, seed: int = 0):
+    """Prefill ``prompt`` tokens then ``steps`` single tokens into layer 0; yield after each."""
+    k, v = _states(batch, prompt + steps, seed)
+    out = cache.update(k[..., :prompt, :], v[..., :prompt, :], 0)
+    yield k[..., :prompt, :], v[..., :prompt, :], out
+    for t in range(prompt, prompt + steps):
+        out = cache.update(k[..., t : t + 1, :], v[..., t : t + 1, :], 0)
+        yield k[..., : t + 1, :], v[..., : t + 1, :], out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    prompt=st.integers(1, 20),
+    steps=st.integers(0, 12),
+    block=st.integers(1, 6),
+    preset=st.sampled_from(["kivi", "quant"]),
+)
+def test_streaming_invariants(prompt, steps, block, preset):
+    """Each block compressed once, buffer < n_b, new states returned exactly, past = blocks."""
+    cache = GearCache(preset, block_size=block, bits=2)
+    calls: list[tuple[int, int]] = []
+    for k, v, (out_k, out_v) in _feed(cache, prompt, steps):
+        layer = cache.layers[0]
+        row = layer.rows[0]
+        seq = k.shape[-2]
+        assert layer.get_seq_length() == seq
+        assert 0 <= seq - row.done < block  # the buffer never reaches n_b
+        assert row.done == (seq // block) * block
+        assert cache.compressions == seq // block  # every full block once, nothing re-compressed
+        starts = [(b.start, b.count) for b in row.blocks]
+        covered = [s + i * block for s, c in starts for i in range(c)]
+        assert covered == list(range(0, row.done, block))
+        calls = starts
+        # the newest states reach attention in full precision, the past as blocks + buffer
+        q = 1 if seq > prompt else prompt
+        assert torch.equal(out_k[..., -q:, :], k[..., -q:, :])
+        assert torch.equal(out_v[..., -q:, :], v[..., -q:, :])
+        # bytes held: compressed parts (measured) + full-precision buffer
+        buffer = (seq - row.done) * 2 * HEADS * DIM * 4
+        assert cache.nbytes() == sum(b.nbytes for b in row.blocks) + buffer
+        assert cache.full_precision_nbytes() == 2 * HEADS * DIM * 4 * seq
+    # the workspace (what the next step attends to) is the decompressed blocks + the buffer
+    layer = cache.layers[0]
+    for b in layer.rows[0].blocks:
+        blocks = b.keys.decompress().transpose(0, 1).flatten(1, 2)[None]
+        assert torch.equal(layer.keys[..., b.start : b.start + b.count * block, :], blocks)
+    assert torch.equal(layer.keys[..., layer.rows[0].done :, :], k[..., layer.rows[0].done :, :])
+    assert calls == [(b.start, b.count) for b in layer.rows[0].blocks]
+
+
+def test_bytes_shrink_when_a_block_is_compressed():
+    cache = GearCache("kivi", block_size=4)
+    sizes = [cache.nbytes() for _ in _feed(cache, prompt=3, steps=6)]
+    per_token = 2 * HEADS * DIM * 4
+    # seq 3, then 4 (first block compressed), 5, 6, 7, 8 (second block), 9
+    assert sizes[0] == 3 * per_token
+    assert sizes[1] < 4 * per_token and sizes[1] > 0
+    assert sizes[2] - sizes[1] == per_token and sizes[3] - sizes[2] == per_token
+    assert sizes[5] == 2 * sizes[1]  # two equal compressed blocks, empty buffer
+    assert 0 < cache.bits_per_entry() < 32
+
+
+def test_padding_never_enters_a_rows_blocks():
+    """A left-padded row gets bit-identical blocks to the same row alone, whatever the padding."""
+    n_b, pad, real, steps = 4, 3, 9, 5
+    k, v = _states(1, real + steps, seed=1)
+    alone = GearCache("gear", block_size=n_b, bits=2, rank=1)
+    out_alone = alone.update(k[..., :real, :], v[..., :real, :], 0)
+    other_k, other_v = _states(1, pad + real + steps, seed=2)
+    garbage = torch.full((1, HEADS, pad, DIM), 1e4)
+    bk = torch.cat([torch.cat([garbage, k], dim=-2), other_k])
+    bv = torch.cat([torch.cat([garbage, v], dim=-2), other_v])
+    batch = GearCache("gear", block_size=n_b, bits=2, rank=1)
+    batch.set_padding(torch.tensor([[0] * pad + [1] * real, [1] * (pad + real)]))
+    out_batch = batch.update(bk[..., : pad + real, :], bv[..., : pad + real, :], 0)
+    assert torch.equal(out_batch[0][:1, :, pad:], out_alone[0])
+    for t in range(real, real + steps):
+        out_alone = alone.update(k[..., t : t + 1, :], v[..., t : t + 1, :], 0)
+        s = t + pad
+        out_batch = batch.update(bk[..., s : s + 1, :], bv[..., s : s + 1, :], 0)
+        assert torch.equal(out_batch[0][:1, :, pad:], out_alone[0])
+        assert torch.equal(out_batch[1][:1, :, pad:], out_alone[1])
+    row, solo = batch.layers[0].rows[0], alone.layers[0].rows[0]
+    assert [b.start - pad for b in row.blocks] == [b.start for b in solo.blocks]
+    assert batch.compressions == alone.compressions + (pad + real + steps) // n_b
+
+
+def test_sliding_layers_follow_dynamic_sliding_window_layer():
+    """On a sliding layer GearCache('none') returns exactly what transformers' layer returns,
+    with the same mask sizes, and drops blocks that left the window."""
+    window, n_b = 7, 3
+    config = Gemma3TextConfig(
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=window,
+    )
+    cache = GearCache(get_preset("none", block_size=n_b), model_config=config)
+    assert cache.is_sliding == [True, False]
+    ref = DynamicSlidingWindowLayer(sliding_window=window)
+    k, v = _states(1, 30, seed=3)
+    chunks = [(0, 5), *((t, t + 1) for t in range(5, 20)), (20, 26), (26, 27)]
+    for lo, hi in chunks:
+        assert cache.layers[0].get_mask_sizes(hi - lo) == ref.get_mask_sizes(hi - lo)
+        got = cache.update(k[..., lo:hi, :], v[..., lo:hi, :], 0)
+        want = ref.update(k[..., lo:hi, :], v[..., lo:hi, :])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        full = cache.update(k[..., lo:hi, :], v[..., lo:hi, :], 1)
+        assert torch.equal(full[0], k[..., :hi, :])
+        layer = cache.layers[0]
+        assert all(b.start + b.count * n_b > hi - (window - 1) for b in layer.rows[0].blocks)
+        assert cache.full_precision_nbytes() == 2 * HEADS * DIM * 4 * (hi + min(hi, window - 1))
+
+
+def test_bad_use_raises():
+    with pytest.raises(ConfigError):
+        GearCache(get_preset("gear"), bits=2)
+    with pytest.raises(ConfigError):
+        GearCache("no-such-preset")
+    cache = GearCache("kivi")
+    with pytest.raises(CacheError):
+        cache.set_padding(torch.tensor([[1, 1, 0]]))  # right padding
+    with pytest.raises(CacheError):
+        cache.set_padding(torch.tensor([1, 1]))
+    cache.set_padding(torch.tensor([[0, 1, 1]]))
+    k, v = _states(2, 3, seed=0)
+    with pytest.raises(CacheError):
+        cache.update(k, v, 0)  # two rows, padding for one
+    cache = GearCache("kivi")
+    cache.update(*_states(1, 3, seed=0), 0)
+    with pytest.raises(CacheError):
+        cache.set_padding(torch.ones(1, 3))
+
+
+# ---------------------------------------------------------------------------- real model
+
+
+def _generate(model, enc, cache, n):
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, cache=cache)
+    return out[:, enc["input_ids"].shape[1] :]
+
+
+@pytest.fixture(scope="module")
+def reference(smol):
+    model, tokenizer = smol
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    return enc, _generate(model, enc, DynamicCache(config=model.config), 10)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [("none", {}), ("quant", {"bits": 8, "group_size": 4})],
+    ids=["none-exact", "8bit"],
+)
+def test_generation_matches_full_precision(smol, reference, preset, overrides):
+    """'none' reproduces DynamicCache exactly; 8 bits leaves the greedy text unchanged."""
+    model, _ = smol
+    enc, want = reference
+    cache = GearCache(preset, model_config=model.config, block_size=4, **overrides)
+    got = _generate(model, enc, cache, want.shape[1])
+    assert torch.equal(got, want)
+    seq = enc["input_ids"].shape[1] + want.shape[1] - 1  # the last token is never cached
+    assert cache.compressions == model.config.num_hidden_layers * (seq // 4)
+    if preset == "none":
+        assert cache.nbytes() == cache.full_precision_nbytes()
+    else:
+        assert cache.nbytes() < cache.full_precision_nbytes()
+
+
+def test_batch_of_two_prompts_matches_each_alone(smol):
+    model, tokenizer = smol
+    prompts = [PROMPT, "The capital of France is"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert not bool(batch.attention_mask.all())  # really padded
+    # quantization statistics are what padding would skew (low rank: see the synthetic test)
+    config = get_preset("kivi", bits=4, block_size=4)
+    cache = GearCache(config, model_config=model.config)
+    cache.set_padding(batch.attention_mask)
+    both = _generate(model, batch, cache, 6)
+    for i, prompt in enumerate(prompts):
+        alone = _generate(
+            model,
+            tokenizer(prompt, return_tensors="pt"),
+            GearCache(config, model_config=model.config),
+            6,
+        )
+        assert torch.equal(both[i], alone[0])
