@@ -200,30 +200,37 @@ def compress_slice(
     }
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def attention_slice(
-    path: str, mtime: float, kind: str, layer: int, sample: int, config_json: str
-) -> dict[str, float]:
-    """Attention error of the layer when only ``kind`` (keys or values) is compressed.
-
-    Uses the dump's queries; causal, with the layer's scaling, sliding window and softcap (see
-    :func:`gear_lab.metrics.attention_error`).
-    """
+@st.cache_resource(show_spinner=False, max_entries=4)
+def attention_reference(path: str, mtime: float, layer: int, sample: int) -> Any:
+    """Exact causal attention of one layer (:func:`gear_lab.metrics.attention_reference`, from
+    the dump's queries, keys and values with the layer's scaling, sliding window and softcap),
+    computed once and compared against every compressed variant."""
     key = (path, mtime)
-    q = tensor(key, "queries", layer, sample)
-    k, v = tensor(key, "keys", layer, sample), tensor(key, "values", layer, sample)
-    x_hat = torch.from_numpy(compress_slice(path, mtime, kind, layer, sample, config_json)["x_hat"])
     li = dump_info(path, mtime)["layer_info"][layer]
-    k_hat, v_hat = (x_hat[None], v) if kind == "keys" else (k, x_hat[None])
-    return metrics.attention_error(
-        q,
-        k,
-        v,
-        k_hat,
-        v_hat,
+    return metrics.attention_reference(
+        tensor(key, "queries", layer, sample),
+        tensor(key, "keys", layer, sample),
+        tensor(key, "values", layer, sample),
         scaling=li.get("scaling"),
         sliding_window=li.get("sliding_window"),
         softcap=li.get("softcap"),
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def attention_slice(
+    path: str, mtime: float, kind: str, layer: int, sample: int, head: int, config_json: str
+) -> dict[str, float]:
+    """Attention error of KV head ``head`` (and its query heads) when only ``kind`` (keys or
+    values) is compressed; see :func:`gear_lab.metrics.attention_error` for the metrics."""
+    ref = attention_reference(path, mtime, layer, sample)
+    res = compress_slice(path, mtime, kind, layer, sample, config_json)
+    x_hat = torch.from_numpy(res["x_hat"][head : head + 1])[None]
+    sel = slice(head, head + 1)
+    return (
+        ref.error(k_hat=x_hat, kv_heads=sel)
+        if kind == "keys"
+        else ref.error(v_hat=x_hat, kv_heads=sel)
     )
 
 

@@ -120,6 +120,15 @@ def test_explorer_defaults_to_2bit_gear_on_layer_10_keys_and_matches_the_library
     assert shown(at, "bits per entry")[0] == state.fmt(c.bits_per_entry)
     head = metrics.reconstruction(x[:, 2:3], x_hat[:, 2:3])["rel_fro"]
     assert shown(at, "head 2 rel. error")[0] == state.fmt(head)
+    q, k = layer(smol_dump, "queries", 5), layer(smol_dump, "keys", 5)
+    group = q.shape[1] // k.shape[1]
+    with open_dump(smol_dump) as d:
+        scaling = d.layer_info(5)["scaling"]
+    kv = (k[:, 2:3], x[:, 2:3])
+    attn = metrics.attention_error(
+        q[:, 2 * group : 3 * group], *kv, kv[0], x_hat[:, 2:3], scaling=scaling
+    )
+    assert shown(at, "head 2 attention KL")[0] == state.fmt(attn["kl"])
 
 
 def test_explorer_bad_settings_show_one_line_not_a_traceback(app) -> None:

@@ -7,7 +7,6 @@ next to plain 2-bit quantization.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import state
 import streamlit as st
 import torch
@@ -19,6 +18,12 @@ key, info = state.require_dump()
 sel = state.data_selectors(info, "explorer")
 layer, sample, head, kind = sel["layer"], sel["sample"], sel["head"], sel["kind"]
 compare = st.sidebar.toggle("compare two configurations", value=True, key="explorer-compare")
+with_attention = "queries" in info["kinds"] and st.sidebar.toggle(
+    "attention error",
+    value=True,
+    key="explorer-attention",
+    help="KL of this head's attention with the dump's queries (costs ~0.2 s per new setting)",
+)
 
 DEFAULTS = {"A": ("gear", {"bits": 2}), "B": ("quant", {"bits": 2})}
 names = ["A", "B"] if compare else ["A"]
@@ -37,8 +42,8 @@ for name, col in zip(names, columns, strict=True):
         with state.user_errors():
             res = state.compress_slice(*key, kind, layer, sample, state.config_key(config))
             attn = (
-                state.attention_slice(*key, kind, layer, sample, state.config_key(config))
-                if "queries" in info["kinds"]
+                state.attention_slice(*key, kind, layer, sample, head, state.config_key(config))
+                if with_attention
                 else None
             )
         results[name] = res
@@ -56,15 +61,23 @@ for name, col in zip(names, columns, strict=True):
         c[1].metric("cosine", state.fmt(m["cosine"]))
         c[2].metric("max |error|", state.fmt(m["max_abs"]))
         if attn is not None:
-            c[3].metric("attention KL", state.fmt(attn["kl"]), help="mean KL(p || p̂) per query")
-        parts = pd.DataFrame({"bytes": res["bytes_by_part"]})
-        parts["share"] = (parts["bytes"] / max(res["nbytes"], 1)).map("{:.1%}".format)
-        st.dataframe(parts.T, width="stretch")
+            c[3].metric(
+                f"head {head} attention KL",
+                state.fmt(attn["kl"]),
+                help="mean KL(p || p̂) over the query rows of this KV head's query heads",
+            )
+        total = max(res["nbytes"], 1)
+        st.caption(
+            f"measured {res['nbytes']:,} bytes for {res['numel']:,} entries: "
+            + ", ".join(
+                f"{p} {b:,} B ({b / total:.0%})" for p, b in res["bytes_by_part"].items() if b
+            )
+        )
         if attn is not None:
             st.caption(
                 "attention: "
                 + ", ".join(f"{k} {state.fmt(v)}" for k, v in attn.items())
-                + f" (only {kind} compressed)"
+                + f" (head {head}, only {kind} compressed)"
             )
 
 if not results:
