@@ -127,7 +127,8 @@ def corpus_texts(
 
     ``"pydoc"``: CPython's ``pydoc_data.topics.topics`` (about 465,000 characters of English),
     topics joined in name order; sample ``i`` is the ``i``-th window of ``8 * max_tokens``
-    characters, cut to ``max_tokens`` tokens when a ``tokenizer`` is given.
+    characters (from its first word boundary), cut to ``max_tokens`` tokens when a ``tokenizer``
+    is given.
     """
     if name not in CORPORA:
         raise ConfigError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}")
@@ -142,7 +143,9 @@ def corpus_texts(
             f"corpus {name!r} holds {len(joined)} characters: too little for "
             f"{samples} samples of {max_tokens} tokens"
         )
+    # each window starts at a word boundary (its first whitespace), so samples read naturally
     texts = [joined[i * chars : (i + 1) * chars] for i in range(samples)]
+    texts = [t[len(t.split(maxsplit=1)[0]) :].lstrip() if i else t for i, t in enumerate(texts)]
     if tokenizer is not None:
         texts = [
             tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids[:max_tokens])
