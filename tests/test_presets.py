@@ -90,6 +90,8 @@ def test_every_preset_is_listed_valid_and_round_trips():
         {"fp8": "e4m3"},  # fp8 together with bits
         {"rotate": 1},
         {"rotate": True, "bits": None},  # nothing to rotate for
+        {"fp8_scale": "tensor"},  # not an fp8 method
+        {"fp8_scale": "row", "fp8": "e4m3", "bits": None},
     ],
 )
 def test_bad_tensor_configs_raise(fields):
@@ -200,6 +202,8 @@ def test_cli_flags_become_preset_overrides():
     assert (config.keys.group_size, config.values.group_size) == (None, 32)
     assert config_from_args(parse([])) == get_preset("gear")
     assert config_from_args(parse(["--method", "kivi", "--no-rotate"])).keys.rotate is False
+    fp8 = config_from_args(parse(["--method", "fp8", "--value-fp8-scale", "tensor"]))
+    assert (fp8.keys.fp8_scale, fp8.values.fp8_scale) == ("group", "tensor")
 
 
 def test_cli_bad_values():

@@ -54,18 +54,23 @@ def test_rotation_spreads_outlier_channels():
     fmt=st.sampled_from(("e4m3", "e5m2")),
     axis=st.sampled_from(("channel", "token")),
     group_size=st.one_of(st.none(), st.integers(1, 80)),
+    per_tensor=st.booleans(),
 )
-def test_fp8_round_trip_error_and_size(x, fmt, axis, group_size):
-    f = fp8_quantize(x, fmt, axis, group_size)
+def test_fp8_round_trip_error_and_size(x, fmt, axis, group_size, per_tensor):
+    f = fp8_quantize(x, fmt, axis, group_size, per_tensor=per_tensor)
     x_hat = f.dequantize(torch.float64)
     assert f.codes.dtype == torch.uint8 and f.codes.numel() == x.numel()
     assert f.scale.dtype == torch.float16
-    assert torch.isfinite(x_hat).all()
+    assert torch.isfinite(x_hat).all() and x_hat.shape == x.shape
     mantissa, tiny = (3, 2.0**-9) if fmt == "e4m3" else (2, 2.0**-16)
-    # relative rounding of the format, plus its subnormal step times the group's scale
-    zeros = to_groups(torch.zeros_like(x, dtype=torch.float64), axis, group_size)
-    n = x.shape[-2 if axis == "channel" else -1]
-    scale = from_groups(zeros + f.scale.double(), axis, n)
+    # relative rounding of the format, plus its subnormal step times the entry's scale
+    if per_tensor:
+        assert f.scale.numel() == x.numel() // (x.shape[-2] * x.shape[-1])
+        scale = f.scale.double()[..., None]
+    else:
+        zeros = to_groups(torch.zeros_like(x, dtype=torch.float64), axis, group_size)
+        n = x.shape[-2 if axis == "channel" else -1]
+        scale = from_groups(zeros + f.scale.double(), axis, n)
     bound = x.double().abs() * 2.0 ** -(mantissa + 1) * 1.001 + scale * tiny
     assert ((x.double() - x_hat).abs() <= bound).all()
 
@@ -77,3 +82,6 @@ def test_fp8_zero_groups_and_preset_bits():
     x_hat = c.decompress()
     assert torch.equal(x_hat[0, 0], x[0, 0]) and torch.isfinite(x_hat).all()
     assert c.bits_per_entry == 8 + 16 / 64  # one byte per entry, fp16 scale per 64-group
+    per_matrix = compress(x, get_preset("fp8", fp8_scale="tensor"), "keys")
+    assert torch.equal(per_matrix.decompress()[0, 0], x[0, 0])
+    assert per_matrix.bytes_by_part()["scales"] == 2 * 2  # one fp16 scale per (batch, head)

@@ -11,6 +11,7 @@ from typing import Any
 
 from gear_lab.compress.presets import (
     AXES,
+    FP8_SCALES,
     LOWRANK_METHODS,
     OUTLIER_MODES,
     CompressionConfig,
@@ -40,6 +41,10 @@ _TENSOR_FLAGS: dict[str, dict[str, Any]] = {
     "lowrank": {"choices": LOWRANK_METHODS, "help": "low-rank method"},
     "loops": {"type": int, "help": "power-iteration loops"},
     "seed": {"type": int, "help": "seed of power iteration and rotation"},
+    "fp8_scale": {
+        "choices": FP8_SCALES,
+        "help": "fp8 scale per group or per [seq, head_dim] matrix",
+    },
     "rotate": {
         "action": argparse.BooleanOptionalAction,
         "help": "Hadamard rotation of head_dim before quantization",

@@ -191,7 +191,8 @@ def _compress_body(
     if tc.bits is not None:
         base = quantize(x, tc.bits, tc.axis, tc.group_size, exclude)
     elif tc.fp8 is not None:
-        base = fp8_quantize(x, tc.fp8, tc.axis, tc.group_size, exclude)
+        per_tensor = tc.fp8_scale == "tensor"
+        base = fp8_quantize(x, tc.fp8, tc.axis, tc.group_size, exclude, per_tensor)
     factors: list[LowRank | None] = [None] * len(ranks)
     if max(ranks) > 0:
         if base is None:

@@ -21,6 +21,7 @@ AXES = ("channel", "token")
 OUTLIER_MODES = ("signed", "magnitude")
 LOWRANK_METHODS = ("power", "svd")
 FP8_FORMATS = ("e4m3", "e5m2")
+FP8_SCALES = ("group", "tensor")
 KINDS = ("keys", "values", "keys_pre_rope")
 
 
@@ -41,13 +42,14 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
 class TensorCompression:
     """How one tensor kind (keys or values, ``[batch, kv_heads, seq, head_dim]``) is compressed.
 
-    ``X_hat = D + L + S`` (GEAR): ``D`` uniform asymmetric ``bits``-bit quantization (or an FP8
-    round trip, ``fp8``) grouped along ``axis`` in groups of ``group_size`` (``None``: the whole
-    axis, KCVT); ``S`` the fraction ``outliers`` of each ``outlier_axis`` vector kept exactly;
-    ``L`` a rank-``rank`` correction of the residual per ``[seq, head_dim]`` matrix, by exact
-    ``svd`` or seeded ``power`` iteration with ``loops`` loops. ``rotate`` applies a seeded
-    Walsh-Hadamard rotation of head_dim first. ``bits=None``, ``fp8=None``, no outliers and no
-    rank is the identity.
+        ``X_hat = D + L + S`` (GEAR): ``D`` uniform asymmetric ``bits``-bit quantization (or an FP8
+        round trip, ``fp8``) grouped along ``axis`` in groups of ``group_size`` (``None``: the whole
+        axis, KCVT); ``S`` the fraction ``outliers`` of each ``outlier_axis`` vector kept exactly;
+        ``L`` a rank-``rank`` correction of the residual per ``[seq, head_dim]`` matrix, by exact
+        ``svd`` or seeded ``power`` iteration with ``loops`` loops; ``fp8_scale="tensor"`` gives fp8 one
+    scale per ``[seq, head_dim]`` matrix instead of one per group. ``rotate`` applies a seeded
+        Walsh-Hadamard rotation of head_dim first. ``bits=None``, ``fp8=None``, no outliers and no
+        rank is the identity.
     """
 
     bits: int | None = 4
@@ -62,6 +64,7 @@ class TensorCompression:
     seed: int = 0
     rotate: bool = False
     fp8: str | None = None
+    fp8_scale: str = "group"
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -83,6 +86,9 @@ class TensorCompression:
         if not isinstance(self.rotate, bool):
             raise ConfigError(f"rotate must be true or false, got {self.rotate!r}")
         _check_choice("fp8", self.fp8, (None, *FP8_FORMATS))
+        _check_choice("fp8_scale", self.fp8_scale, FP8_SCALES)
+        if self.fp8_scale != "group" and self.fp8 is None:
+            raise ConfigError("fp8_scale='tensor' applies to fp8 methods only")
         if self.fp8 is not None and self.bits is not None:
             raise ConfigError("fp8 and bits exclude each other: set bits=None for an fp8 method")
         if self.rotate and self.bits is None and self.fp8 is None:
