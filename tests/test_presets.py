@@ -202,6 +202,7 @@ def test_cli_flags_become_preset_overrides():
     assert (config.keys.group_size, config.values.group_size) == (None, 32)
     assert config_from_args(parse([])) == get_preset("gear")
     assert config_from_args(parse(["--method", "kivi", "--no-rotate"])).keys.rotate is False
+    assert config_from_args(parse(["--key-outlier-axis", "channel"])).keys.outlier_axis == "channel"
     fp8 = config_from_args(parse(["--method", "fp8", "--value-fp8-scale", "tensor"]))
     assert (fp8.keys.fp8_scale, fp8.values.fp8_scale) == ("group", "tensor")
 

@@ -37,6 +37,7 @@ _TENSOR_FLAGS: dict[str, dict[str, Any]] = {
     "axis": {"choices": AXES, "help": "quantization grouping axis"},
     "outliers": {"type": float, "help": "outlier fraction s per vector, in [0, 1)"},
     "outlier_mode": {"choices": OUTLIER_MODES, "help": "outliers by sign or by magnitude"},
+    "outlier_axis": {"choices": AXES, "help": "outliers per token vector or per channel vector"},
     "rank": {"type": int, "help": "low-rank correction rank per [seq, head_dim] matrix"},
     "lowrank": {"choices": LOWRANK_METHODS, "help": "low-rank method"},
     "loops": {"type": int, "help": "power-iteration loops"},
