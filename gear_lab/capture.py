@@ -127,8 +127,8 @@ def corpus_texts(
 
     ``"pydoc"``: CPython's ``pydoc_data.topics.topics`` (about 465,000 characters of English),
     topics joined in name order; sample ``i`` is the ``i``-th window of ``8 * max_tokens``
-    characters (from its first word boundary), cut to ``max_tokens`` tokens when a ``tokenizer``
-    is given.
+    characters (from its first word boundary), cut to a few tokens more than ``max_tokens`` when
+    a ``tokenizer`` is given (:func:`capture_samples` truncates).
     """
     if name not in CORPORA:
         raise ConfigError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}")
@@ -148,7 +148,8 @@ def corpus_texts(
     texts = [t[len(t.split(maxsplit=1)[0]) :].lstrip() if i else t for i, t in enumerate(texts)]
     if tokenizer is not None:
         texts = [
-            tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids[:max_tokens])
+            # a few spare tokens: decode -> encode may merge tokens at the cut
+            tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids[: max_tokens + 8])
             for t in texts
         ]
     return texts
@@ -253,7 +254,8 @@ def capture_samples(
     ``layers``: ``None`` (all), a spec like ``"0,5,10-12"`` or indices. Keys / values are the
     model's cache tensors ``[kv_heads, seq, head_dim]``; ``with_queries`` adds post-RoPE queries
     ``[heads, seq, head_dim]``; ``pre_rope_keys`` adds keys before the rotary embedding.
-    A tqdm bar counts samples x layers.
+    A truncated sample's ``text`` is the decoded text of the tokens kept. A tqdm bar counts
+    samples x layers, advancing as each attention layer runs.
     """
     from transformers import DynamicCache
 
@@ -268,9 +270,12 @@ def capture_samples(
     bar = tqdm(total=len(texts) * len(picked), desc="capture", unit="layer", disable=not progress)
     try:
         for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids[0, :max_tokens]
+            ids = tokenizer(text, return_tensors="pt").input_ids[0]
             if ids.numel() == 0:
                 raise CaptureError(f"prompt {text[:40]!r} tokenizes to nothing")
+            if ids.numel() > max_tokens:  # keep the text that the kept tokens spell
+                ids = ids[:max_tokens]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
             cache = DynamicCache()  # no config: sliding-window layers keep every token
             with _hooks(chosen, with_queries, pre_rope_keys, bar) as seen, torch.inference_mode():
                 model(input_ids=ids[None].to(device), cache=cache, use_cache=True, logits_to_keep=1)

@@ -243,3 +243,12 @@ def test_gemma3_sliding_window_layers_captured_in_full_and_labelled():
         None,
     )
     assert not torch.allclose(no_window.float(), expected[sliding], rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_sample_text_spells_its_tokens(smol):
+    model, tokenizer = smol
+    (sample,) = capture_samples(
+        model, tokenizer, [PROMPT], max_tokens=4, layers="0", progress=False
+    )
+    assert sample.token_ids.tolist() == tokenizer(PROMPT).input_ids[:4]
+    assert sample.text == tokenizer.decode(sample.token_ids) and PROMPT.startswith(sample.text)
