@@ -160,14 +160,16 @@ def _pick(name: str, wanted: Sequence[int] | None, available: Sequence[int]) -> 
     return picked
 
 
-def _reference(dump: Dump, layer: int, sample: int, device: str) -> metrics.AttentionReference:
+def _reference(
+    dump: Dump, layer: int, sample: int, device: str, dtype: torch.dtype | None
+) -> metrics.AttentionReference:
     """Exact attention of one (sample, layer) from the dump's queries, keys and values."""
     info = dump.layer_info(layer)
     load = dict(layer=layer, sample=sample, device=device)
     return metrics.attention_reference(
         dump.load("queries", **load)[None],
-        dump.load("keys", **load)[None],
-        dump.load("values", **load)[None],
+        dump.load("keys", dtype=dtype, **load)[None],
+        dump.load("values", dtype=dtype, **load)[None],
         scaling=info.get("scaling"),
         sliding_window=info.get("sliding_window"),
         softcap=info.get("softcap"),
@@ -185,6 +187,7 @@ def sweep(
     progress: bool = True,
     per_head: bool = True,
     device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> pd.DataFrame:
     """Compress a dump's tensors with every config of ``grid`` and measure each result.
 
@@ -192,7 +195,9 @@ def sweep(
     :func:`expand_grid`. ``layers``: ``None`` (all in the dump), a spec like ``"0,5,10-12"`` or
     indices. ``heads``: KV-head indices (``None``: all). With ``per_head`` each KV head
     (``[1, 1, seq, head_dim]``) is compressed and measured alone; without it the whole layer
-    (``[1, kv_heads, seq, head_dim]``) is, and ``head`` is -1.
+    (``[1, kv_heads, seq, head_dim]``) is, and ``head`` is -1. ``dtype``: the dtype K/V are
+    compressed in (e.g. ``torch.float16``, as a real cache holds them; ``None``: as stored), which
+    also fixes the dtype of kept full-precision parts such as outlier values.
 
     One row per sample x layer x head x kind x config, columns: ``sample, layer, head, kind,
     config, config_index, preset``, every :class:`TensorCompression` field of that kind,
@@ -202,14 +207,21 @@ def sweep(
     rows the reverse; NaN when ``attention`` is off, the dump has no queries, or for
     ``keys_pre_rope``).
     """
+    options = dict(
+        layers=layers,
+        kinds=kinds,
+        samples=samples,
+        heads=heads,
+        attention=attention,
+        progress=progress,
+        per_head=per_head,
+        device=device,
+        dtype=dtype,
+    )
     if isinstance(dump, Dump):
-        return _sweep(
-            dump, grid, layers, kinds, samples, heads, attention, progress, per_head, device
-        )
+        return _sweep(dump, grid, **options)
     with open_dump(dump) as opened:
-        return _sweep(
-            opened, grid, layers, kinds, samples, heads, attention, progress, per_head, device
-        )
+        return _sweep(opened, grid, **options)
 
 
 def _sweep(
@@ -223,6 +235,7 @@ def _sweep(
     progress: bool,
     per_head: bool,
     device: str,
+    dtype: torch.dtype | None,
 ) -> pd.DataFrame:
     configs = _configs(grid)
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
@@ -246,9 +259,9 @@ def _sweep(
     bar = tqdm(units, desc="sweep", unit="layer", disable=not progress)
     for sample, layer in bar:
         bar.set_postfix(sample=sample, layer=layer)
-        ref = _reference(dump, layer, sample, device) if with_attention else None
+        ref = _reference(dump, layer, sample, device, dtype) if with_attention else None
         for kind in kinds:
-            x = dump.load(kind, layer, sample=sample, device=device)[None]
+            x = dump.load(kind, layer, sample=sample, device=device, dtype=dtype)[None]
             for head in head_list:
                 part = x if head < 0 else x[:, head : head + 1]
                 sel = None if head < 0 else slice(head, head + 1)

@@ -55,11 +55,12 @@ def test_eval_table_and_json_match_the_library(smol_dump, capsys):
 
 def test_eval_separate_key_and_value_settings(smol_dump, capsys):
     argv = ["eval", smol_dump, "--method", "quant", "--key-bits", "4", "--value-bits", "2"]
-    code, out, _ = _run(capsys, *argv, "--layers", "1", "--json")
+    code, out, _ = _run(capsys, *argv, "--layers", "1", "--json", "--dtype", "float16")
     assert code == 0
     by_kind = {r["kind"]: r for r in json.loads(out)}
     assert by_kind["keys"]["bits"] == 4 and by_kind["values"]["bits"] == 2
-    assert by_kind["keys"]["bits_per_entry"] > by_kind["values"]["bits_per_entry"]
+    assert by_kind["keys"]["bits_per_entry"] == 4 + 32 / 64  # fp16 scale and zero per group
+    assert by_kind["values"]["bits_per_entry"] == 2 + 32 / 64
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

@@ -95,6 +95,26 @@ def test_identity_whole_layer_and_nan_attention(smol_dump):
     assert list(df["head"]) == [-1, -1]
     assert (df["rel_fro"] == 0).all() and (df["bits_per_entry"] == 32).all()  # float32 dump
     assert (df[list(ATTENTION_COLUMNS)] == 0).all().all()
+    half = sweep(
+        smol_dump,
+        [get_preset("none"), get_preset("outlier-quant")],
+        layers=[2],
+        kinds=("values",),
+        per_head=False,
+        dtype=torch.float16,
+        progress=False,
+    )
+    assert half["bits_per_entry"].iloc[0] == 16 and half["rel_fro"].iloc[0] == 0
+    full = sweep(
+        smol_dump,
+        [get_preset("outlier-quant")],
+        layers=[2],
+        kinds=("values",),
+        per_head=False,
+        progress=False,
+    )
+    # outlier values are kept in the compressed dtype: 16 bits fewer per outlier in float16
+    assert full["nbytes"].iloc[0] > half["nbytes"].iloc[1]
 
     off = sweep(
         smol_dump,

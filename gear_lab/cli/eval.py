@@ -46,12 +46,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--kinds", default="keys,values", help="comma-separated kinds (default: keys,values)"
     )
     parser.add_argument("--device", default="cpu", help="torch device for the work (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="compress K/V in this dtype, as a cache would hold them (default: as stored)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of records")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print; library errors propagate to the CLI's one-line handler."""
+    import torch
+
     from gear_lab.sweep import sweep
 
     config = config_from_args(args)
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         samples=(args.sample,),
         per_head=False,
         device=args.device,
+        dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     if args.json:
         print(df.to_json(orient="records"))

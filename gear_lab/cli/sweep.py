@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-attention", action="store_true", help="skip the attention metrics (faster)"
     )
     parser.add_argument("--device", default="cpu", help="torch device for the work (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="compress K/V in this dtype, as a cache would hold them (default: as stored)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -95,6 +100,8 @@ def write_table(df: pd.DataFrame, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Parse the grid, run the sweep with a progress bar, write the table."""
+    import torch
+
     from gear_lab.sweep import parse_grid, sweep
 
     check_out(args.out, args.overwrite)
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         heads=_ints("heads", args.heads),
         attention=not args.no_attention,
         device=args.device,
+        dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     write_table(df, args.out)
     configs = df["config_index"].nunique()
