@@ -10,7 +10,7 @@ from compress_helpers import PROPERTY, make_tensor, tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gear_lab.compress import pack_codes, quantize, unpack_codes
+from gear_lab.compress import pack_codes, quantize, quantize_reconstruct, unpack_codes
 from gear_lab.errors import TensorError
 
 
@@ -48,7 +48,8 @@ def group_bounds(x: torch.Tensor, axis: str, group_size: int | None, exclude=Non
     group_size=st.one_of(st.none(), st.integers(1, 80)),
 )
 def test_error_at_most_half_a_step(x, bits, axis, group_size):
-    q = quantize(x, bits, axis, group_size)
+    q, values = quantize_reconstruct(x, bits, axis, group_size)
+    assert torch.equal(values, q.dequantize())  # the codes at hand give the same reconstruction
     x_hat = q.dequantize(torch.float64)
     assert x_hat.shape == x.shape and torch.isfinite(x_hat).all()
     lo, hi = group_bounds(x, axis, group_size)

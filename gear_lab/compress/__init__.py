@@ -13,7 +13,13 @@ from gear_lab.compress.presets import (
     get_preset,
     list_presets,
 )
-from gear_lab.compress.quantize import Quantized, pack_codes, quantize, unpack_codes
+from gear_lab.compress.quantize import (
+    Quantized,
+    pack_codes,
+    quantize,
+    quantize_reconstruct,
+    unpack_codes,
+)
 from gear_lab.compress.rotation import hadamard_rotation, rotate, unrotate
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "pack_codes",
     "power_lowrank",
     "quantize",
+    "quantize_reconstruct",
     "rotate",
     "svd_lowrank",
     "unpack_codes",

@@ -24,7 +24,13 @@ from gear_lab.compress.fp8 import Fp8Tensor, fp8_quantize
 from gear_lab.compress.lowrank import LowRank, power_lowrank, svd_lowrank
 from gear_lab.compress.outliers import Outliers, extract_outliers, outlier_count
 from gear_lab.compress.presets import CompressionConfig, TensorCompression
-from gear_lab.compress.quantize import Quantized, compute_dtype, group_dim, quantize
+from gear_lab.compress.quantize import (
+    Quantized,
+    compute_dtype,
+    group_dim,
+    quantize,
+    quantize_reconstruct,
+)
 from gear_lab.compress.rotation import rotate, unrotate
 from gear_lab.errors import ConfigError, TensorError
 
@@ -188,18 +194,19 @@ def _compress_body(
         exclude = ignore.expand(body.shape) if exclude is None else exclude | ignore
     x = source.to(work)
     base: Quantized | Fp8Tensor | None = None
-    if tc.bits is not None:
+    residual = None  # X - D, filled in only when a low rank is fitted
+    if tc.bits is not None and max(ranks) > 0:
+        base, residual = quantize_reconstruct(x, tc.bits, tc.axis, tc.group_size, exclude)
+    elif tc.bits is not None:
         base = quantize(x, tc.bits, tc.axis, tc.group_size, exclude)
     elif tc.fp8 is not None:
         per_tensor = tc.fp8_scale == "tensor"
         base = fp8_quantize(x, tc.fp8, tc.axis, tc.group_size, exclude, per_tensor)
     factors: list[LowRank | None] = [None] * len(ranks)
     if max(ranks) > 0:
-        if base is None:
-            residual = x.clone()
-        else:
-            residual = base.dequantize(work)
-            torch.sub(x, residual, out=residual)
+        if residual is None:
+            residual = base.dequantize(work) if base is not None else torch.zeros_like(x)
+        torch.sub(x, residual, out=residual)
         if outliers is not None:
             outliers.clear(residual)
         if ignore is not None:

@@ -144,6 +144,25 @@ class Quantized:
         return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
 
 
+def _quantize(
+    x: Tensor, bits: int, axis: str, group_size: int | None, exclude: Tensor | None
+) -> tuple[Quantized, Tensor]:
+    """The :class:`Quantized` of ``x`` and its codes as floats in the :func:`to_groups` view."""
+    levels = (1 << bits) - 1
+    work = compute_dtype(x.dtype)
+    grouped = to_groups(x.to(work), axis, group_size)
+    if exclude is not None:
+        exclude = to_groups(exclude.expand(x.shape), axis, group_size)
+    lo, hi = group_range(grouped, axis, exclude)
+    zero = to_half(lo, -math.inf)
+    scale = to_half((hi - zero.to(work)) / levels, math.inf)
+    scale_w = scale.to(work)
+    inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
+    codes = torch.sub(grouped, zero.to(work)).mul_(inverse).round_().clamp_(0, levels)
+    packed = pack_codes(from_groups(codes.to(torch.uint8), axis, x.shape[group_dim(axis)]), bits)
+    return Quantized(packed, scale, zero, bits, axis, group_size, x.shape), codes
+
+
 def quantize(
     x: Tensor,
     bits: int,
@@ -158,16 +177,19 @@ def quantize(
     float16, so every non-excluded entry is within half a step of its reconstruction; a
     constant group gets scale 0 and is exact (for float16 / bfloat16 input).
     """
-    levels = (1 << bits) - 1
-    work = compute_dtype(x.dtype)
-    grouped = to_groups(x.to(work), axis, group_size)
-    if exclude is not None:
-        exclude = to_groups(exclude.expand(x.shape), axis, group_size)
-    lo, hi = group_range(grouped, axis, exclude)
-    zero = to_half(lo, -math.inf)
-    scale = to_half((hi - zero.to(work)) / levels, math.inf)
-    scale_w = scale.to(work)
-    inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
-    codes = torch.sub(grouped, zero.to(work)).mul_(inverse).round_().clamp_(0, levels)
-    codes = from_groups(codes.to(torch.uint8), axis, x.shape[group_dim(axis)])
-    return Quantized(pack_codes(codes, bits), scale, zero, bits, axis, group_size, x.shape)
+    return _quantize(x, bits, axis, group_size, exclude)[0]
+
+
+def quantize_reconstruct(
+    x: Tensor,
+    bits: int,
+    axis: str = "channel",
+    group_size: int | None = 64,
+    exclude: Tensor | None = None,
+) -> tuple[Quantized, Tensor]:
+    """:func:`quantize` plus its reconstruction (equal to ``dequantize`` in the compute dtype),
+    made from the codes at hand instead of unpacking them again."""
+    q, codes = _quantize(x, bits, axis, group_size, exclude)
+    work = codes.dtype
+    values = codes.mul_(q.scale.to(work)).add_(q.zero.to(work))
+    return q, from_groups(values, axis, x.shape[group_dim(axis)])
