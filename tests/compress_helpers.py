@@ -46,6 +46,3 @@ def tensors(draw, max_batch=2, max_heads=3, max_seq=70, max_dim=40, dtypes=DTYPE
         draw(st.sampled_from((1e-3, 1.0, 30.0))),
         draw(st.sampled_from(("gauss", "channels", "blocky"))),
     )
-
-
-PROPERTY_SEQ = settings(PROPERTY, max_examples=20)
