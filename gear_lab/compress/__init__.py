@@ -5,7 +5,7 @@ named in :mod:`.presets`. Tensors are ``[batch, kv_heads, seq, head_dim]``.
 
 from gear_lab.compress.fp8 import Fp8Tensor, fp8_quantize
 from gear_lab.compress.gear import Compressed, compress, compress_ranks
-from gear_lab.compress.lowrank import LowRank, lowrank, power_lowrank, svd_lowrank
+from gear_lab.compress.lowrank import LowRank, power_lowrank, svd_lowrank
 from gear_lab.compress.outliers import Outliers, extract_outliers, index_dtype, outlier_count
 from gear_lab.compress.presets import (
     CompressionConfig,
@@ -38,7 +38,6 @@ __all__ = [
     "hadamard_rotation",
     "index_dtype",
     "list_presets",
-    "lowrank",
     "outlier_count",
     "pack_codes",
     "power_lowrank",

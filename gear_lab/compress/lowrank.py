@@ -70,11 +70,3 @@ def power_lowrank(r: Tensor, rank: int, loops: int = 3, seed: int = 0) -> LowRan
         z = torch.linalg.qr(rt @ q).Q
         q = torch.linalg.qr(r @ z).Q
     return LowRank(q.to(torch.float16), (q.mT @ r).to(torch.float16))
-
-
-def lowrank(r: Tensor, rank: int, method: str = "power", loops: int = 3, seed: int = 0) -> LowRank:
-    """Rank-``rank`` factors of each ``[seq, head_dim]`` matrix of ``r`` by ``method``
-    (``"svd"`` or ``"power"``)."""
-    if method == "svd":
-        return svd_lowrank(r, rank)
-    return power_lowrank(r, rank, loops, seed)
