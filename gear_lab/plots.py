@@ -431,5 +431,7 @@ def fig_generation_steps(
     fig.update_yaxes(title_text="KL", row=1, col=1)
     fig.update_yaxes(title_text="agreement", range=[-0.05, 1.05], row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
+    if kl.size <= 20:
+        fig.update_xaxes(dtick=1)
     fig.update_layout(title=title, height=440, margin=_MARGIN)
     return fig

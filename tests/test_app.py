@@ -128,7 +128,7 @@ def test_explorer_defaults_to_2bit_gear_on_layer_10_keys_and_matches_the_library
     attn = metrics.attention_error(
         q[:, 2 * group : 3 * group], *kv, kv[0], x_hat[:, 2:3], scaling=scaling
     )
-    assert shown(at, "head 2 attention KL")[0] == state.fmt(attn["kl"])
+    assert shown(at, "attention KL")[0] == state.fmt(attn["kl"])
 
 
 def test_explorer_bad_settings_show_one_line_not_a_traceback(app) -> None:

@@ -16,6 +16,19 @@ st.caption(
     "A dump holds real per-layer keys, values (and queries) of a model on some text, "
     "in HDF5. Every page reads the dump chosen here."
 )
+with st.container(border=True):
+    st.markdown("**Where to start**")
+    for page, question in (
+        ("explorer", "How large is the error of 2-bit GEAR on layer 10's keys?"),
+        ("spectra", "What rank captures 90% of the quantization residual's energy?"),
+        ("outliers", "Which channels hold the outliers?"),
+        (
+            "sweeps",
+            "How does the error fall with rank, outliers and bits; which preset is on the Pareto front?",
+        ),
+        ("live", "Does the compressed model still generate the same text?"),
+    ):
+        st.page_link(f"app_pages/{page}.py", label=question)
 
 
 # --------------------------------------------------------------------------- choose
@@ -58,7 +71,7 @@ if current is not None:
         state.show_error(err)
     else:
         st.subheader(Path(info["path"]).name)
-        cols = st.columns(5)
+        cols = st.columns([2, 1, 1, 1, 1])
         cols[0].metric("model", info["model_id"])
         cols[1].metric("samples", info["num_samples"])
         cols[2].metric("layers", len(info["layers"]))

@@ -62,9 +62,9 @@ for name, col in zip(names, columns, strict=True):
         c[2].metric("max |error|", state.fmt(m["max_abs"]))
         if attn is not None:
             c[3].metric(
-                f"head {head} attention KL",
+                "attention KL",
                 state.fmt(attn["kl"]),
-                help="mean KL(p || p̂) over the query rows of this KV head's query heads",
+                help=f"mean KL(p || p̂) over the query rows of KV head {head}'s query heads",
             )
         total = max(res["nbytes"], 1)
         st.caption(

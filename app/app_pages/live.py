@@ -20,6 +20,7 @@ from gear_lab.fidelity import check_generation
 
 # longer than a few cache blocks: the newest block_size tokens always stay full precision
 DEFAULT_PROMPT = topics["for"][:800]
+PROMPT_TAIL = 160  # characters of the prompt shown before each generation
 
 st.title("Live generation")
 st.caption(
@@ -62,13 +63,17 @@ if check is None:
 
 
 def highlighted(prompt: str, ids: list[int], divergence: int | None) -> str:
-    """The prompt and its generation as HTML, the part from the first divergence on highlighted."""
+    """HTML of the prompt's tail (grey) and the generation, highlighted from the first divergence."""
     _, tokenizer = state.model()
     cut = len(ids) if divergence is None else divergence
     same = html.escape(tokenizer.decode(ids[:cut], skip_special_tokens=True))
     rest = html.escape(tokenizer.decode(ids[cut:], skip_special_tokens=True))
-    mark = f'<mark style="background:#ffd5d5">{rest}</mark>' if rest else ""
-    return f'<div style="white-space:pre-wrap"><b>{html.escape(prompt)}</b>{same}{mark}</div>'
+    tail = html.escape(("…" if len(prompt) > PROMPT_TAIL else "") + prompt[-PROMPT_TAIL:])
+    mark = f'<mark style="background:#ffc9c9">{rest}</mark>' if rest else ""
+    return (
+        f'<div style="white-space:pre-wrap;font-family:monospace;font-size:0.85rem">'
+        f'<span style="color:#888">{tail}</span>{same}{mark}</div>'
+    )
 
 
 st.subheader(f"`{check.method}`")
@@ -93,7 +98,7 @@ for col, title, ids, nbytes, tps in (
 ):
     with col:
         st.markdown(f"**{title}**")
-        st.markdown(highlighted(check.prompt, ids, check.first_divergence), unsafe_allow_html=True)
+        st.html(highlighted(check.prompt, ids, check.first_divergence))
         m = st.columns(2)
         m[0].metric(f"{title} cache", f"{nbytes / 2**10:.1f} KiB")
         m[1].metric(f"{title} tok/s", f"{tps:.1f}")

@@ -85,7 +85,7 @@ if config is not None:
     if mask.any():
         st.plotly_chart(
             plots.fig_outlier_positions(
-                mask, title=f"`{config.name}` on layer {layer} {kind}, head {head}"
+                mask, title=f"{config.name} on layer {layer} {kind}, head {head}"
             ),
             key="outliers-kept",
         )

@@ -68,7 +68,7 @@ st.plotly_chart(
     plots.fig_layer_map(
         ranks,
         rows=layers,
-        title=f"rank for {share:.0%} of {of} energy ({kind}, `{config.name}`)",
+        title=f"rank for {share:.0%} of {of} energy ({kind}, {config.name})",
         x_title="kv head",
         colorbar_title="rank",
         annotate=True,
