@@ -1,0 +1,78 @@
+"""gear_lab.plots: pooling, Pareto front and figure contents against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from gear_lab import plots
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    a=arrays(np.float64, st.tuples(st.integers(1, 30), st.integers(1, 30)), elements=finite),
+    max_rows=st.integers(1, 8),
+    max_cols=st.integers(1, 8),
+)
+def test_downsample_keeps_the_largest_magnitude_of_each_block(a, max_rows, max_cols) -> None:
+    pooled, rs, cs = plots.downsample(a, max_rows, max_cols)
+    assert pooled.shape[0] <= max_rows and pooled.shape[1] <= max_cols
+    assert pooled.shape == (-(-a.shape[0] // rs), -(-a.shape[1] // cs))
+    for i in range(pooled.shape[0]):
+        for j in range(pooled.shape[1]):
+            block = a[i * rs : (i + 1) * rs, j * cs : (j + 1) * cs]
+            assert abs(pooled[i, j]) == np.abs(block).max()
+            assert pooled[i, j] in block
+
+
+def test_downsample_leaves_small_arrays_alone() -> None:
+    a = np.arange(12.0).reshape(3, 4)
+    pooled, rs, cs = plots.downsample(a, 3, 4)
+    assert (rs, cs) == (1, 1) and np.array_equal(pooled, a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    points=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=25
+    ).filter(lambda p: len({x for x, _ in p}) == len(p) and len({y for _, y in p}) == len(p))
+)
+def test_pareto_front_is_the_set_of_non_dominated_points(points) -> None:
+    df = pd.DataFrame(points, columns=["bits", "err"], index=np.arange(len(points)) * 3 + 1)
+    front = plots.pareto_front(df, x="bits", y="err")
+    expected = [
+        not any(x2 < x and y2 < y for x2, y2 in points) for x, y in points
+    ]  # distinct coordinates: weak and strict dominance agree
+    assert front.tolist() == expected
+
+
+def test_heatmaps_share_one_scale_for_values_and_one_for_errors() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 64))
+    x_hat = x + rng.normal(scale=0.1, size=x.shape)
+    fig = plots.fig_heatmaps(
+        {"original": x, "reconstruction": x_hat, "error": x_hat - x}, max_rows=100
+    )
+    assert fig.layout.coloraxis.cmax == max(np.abs(x).max(), np.abs(x_hat).max())
+    assert fig.layout.coloraxis2.cmax == np.abs(x_hat - x).max()
+    assert [t.coloraxis for t in fig.data] == ["coloraxis", "coloraxis", "coloraxis2"]
+    assert all(t.z.shape == (100, 64) for t in fig.data)  # 300 tokens pooled by 3
+
+
+def test_error_lines_plot_the_mean_per_setting() -> None:
+    df = pd.DataFrame(
+        {
+            "rank": [0, 0, 4, 4, 0, 4],
+            "kind": ["keys"] * 4 + ["values"] * 2,
+            "rel_fro": [0.2, 0.4, 0.1, 0.3, 0.5, 0.25],
+        }
+    )
+    fig = plots.fig_error_lines(df, x="rank", color="kind")
+    lines = {t.name: (list(t.x), list(t.y)) for t in fig.data}
+    assert lines["keys"][0] == [0, 4] and np.allclose(lines["keys"][1], [0.3, 0.2])
+    assert lines["values"][0] == [0, 4] and np.allclose(lines["values"][1], [0.5, 0.25])
