@@ -14,7 +14,6 @@ widget block. Errors a user can cause (:class:`gear_lab.errors.GearLabError`) ar
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import tempfile
@@ -29,19 +28,19 @@ import streamlit as st
 import torch
 
 from gear_lab import metrics
+from gear_lab.cli.app import DUMP_ENV
 from gear_lab.compress import CompressionConfig, compress, get_preset, list_presets
 from gear_lab.dump import open_dump
 from gear_lab.errors import DumpError, GearLabError
 from gear_lab.sweep import sweep
 
-DUMP_ENV = "GEAR_LAB_DUMP"  # set by `gear-lab app DUMP`
 DUMP_KEY = "dump_path"  # session-state key of the dump chosen on the Dumps page
 DUMPS_DIR = Path("dumps")
 UPLOAD_DIR = Path(tempfile.gettempdir()) / "gear-lab-uploads"
 MODEL = "smollm2-135m"
 
 # widget choices; names follow the library's one-name-per-concept convention
-BITS = [1, 2, 3, 4, 5, 6, 8]
+BITS = list(range(1, 9))
 GROUP_SIZES = [None, 8, 16, 32, 64, 128]
 BLOCK_SIZES = [None, 16, 32, 64, 128, 256]
 MAX_RANK = 32
@@ -320,6 +319,11 @@ def data_selectors(
     return out
 
 
+def _with(options: list[Any], value: Any) -> list[Any]:
+    """``options`` plus ``value`` when a preset uses a value the widget does not list."""
+    return options if value in options else [*options, value]
+
+
 def method_settings(
     prefix: str,
     *,
@@ -332,21 +336,17 @@ def method_settings(
     """The shared method widget block: a preset and its parameters, returned as a config.
 
     Widgets start at the preset's values for ``kind`` (``initial`` overrides them for the
-    default ``preset``; ``no_block`` names ``block_size=None``); only values the user moved away from the preset become overrides, so an
-    untouched block is exactly ``get_preset(name)``. Bad settings show one line and give None.
+    default ``preset``; ``no_block`` names ``block_size=None``). Only values moved away from the
+    preset become overrides, so an untouched block is exactly ``get_preset(name)``. Bad
+    settings show one line and give None.
     """
     presets = list_presets()
     name = st.selectbox(label, presets, index=presets.index(preset), key=f"{prefix}-preset")
     base = get_preset(name)
     tc = base.for_kind(kind)
-    start: dict[str, Any] = {
-        **{
-            f: getattr(tc, f) for f in ("bits", "group_size", "outliers", "rank", "loops", "rotate")
-        },
-        "block_size": base.block_size,
-    }
-    if name == preset and initial:
-        start.update(initial)
+    fields = ("bits", "group_size", "outliers", "rank", "loops", "rotate")
+    reference = {**{f: getattr(tc, f) for f in fields}, "block_size": base.block_size}
+    start = {**reference, **(initial or {})} if name == preset else reference
     k = f"{prefix}-{name}"  # a new preset gets fresh widgets at its own defaults
     chosen: dict[str, Any] = {}
     c1, c2 = st.columns(2)
@@ -354,10 +354,11 @@ def method_settings(
         chosen["bits"] = c1.select_slider("bits", BITS, value=start["bits"], key=f"{k}-bits")
     else:
         c1.caption(f"bits: none ({tc.fp8 or 'no quantizer'})")
+    sizes = _with(GROUP_SIZES, start["group_size"])
     chosen["group_size"] = c2.selectbox(
         "group_size",
-        GROUP_SIZES,
-        index=GROUP_SIZES.index(start["group_size"]) if start["group_size"] in GROUP_SIZES else 0,
+        sizes,
+        index=sizes.index(start["group_size"]),
         format_func=lambda g: "whole axis" if g is None else str(g),
         key=f"{k}-group_size",
     )
@@ -372,18 +373,15 @@ def method_settings(
     )
     chosen["rank"] = c2.slider("rank", 0, MAX_RANK, int(start["rank"]), key=f"{k}-rank")
     chosen["loops"] = c1.slider("loops", 1, 10, int(start["loops"]), key=f"{k}-loops")
+    blocks = _with(BLOCK_SIZES, start["block_size"])
     chosen["block_size"] = c2.selectbox(
         "block_size",
-        BLOCK_SIZES,
-        index=BLOCK_SIZES.index(start["block_size"]) if start["block_size"] in BLOCK_SIZES else 0,
+        blocks,
+        index=blocks.index(start["block_size"]),
         format_func=lambda b: no_block if b is None else str(b),
         key=f"{k}-block_size",
     )
     chosen["rotate"] = c1.checkbox("rotate", value=bool(start["rotate"]), key=f"{k}-rotate")
-    reference = {
-        **{f: getattr(tc, f) for f in start if f != "block_size"},
-        "block_size": base.block_size,
-    }
     overrides = {f: v for f, v in chosen.items() if v != reference[f]}
     try:
         return get_preset(name, **overrides)
@@ -395,14 +393,6 @@ def method_settings(
 def config_key(config: CompressionConfig) -> str:
     """The JSON a cached computation is keyed on."""
     return config.to_json()
-
-
-def with_rank(config: CompressionConfig, kind: str, rank: int) -> CompressionConfig:
-    """``config`` with ``kind``'s rank replaced (for rank markers and sweeps)."""
-    side = "values" if kind == "values" else "keys"
-    return dataclasses.replace(
-        config, **{side: dataclasses.replace(config.for_kind(kind), rank=rank)}
-    )
 
 
 def fmt(v: float, digits: int = 4) -> str:
