@@ -60,7 +60,7 @@ stat = st.radio(
 )
 layers = info["layers"]
 cols = st.columns(len(kinds))
-with state.user_errors():
+with state.user_errors(), st.spinner("statistics of every layer (cached after the first time)"):
     for k, col in zip(kinds, cols, strict=True):
         grid = np.stack([state.channel_stats(*key, k, li, sample)[stat].ravel() for li in layers])
         col.plotly_chart(
