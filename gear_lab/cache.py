@@ -205,6 +205,7 @@ class GearLayer(DynamicLayer):
             for kind, states in (("keys", self.keys), ("values", self.values)):
                 # [1, h, count * n_b, d] -> [count, h, n_b, d]: one batch element per block
                 blocks = states[i, :, lo:hi].unflatten(1, (count, n_b)).transpose(0, 1)
+                blocks = blocks.to(self.owner.storage_dtype or blocks.dtype)
                 part = compress(blocks, config.for_kind(kind, prefill), kind)
                 states[i, :, lo:hi] = part.decompress().transpose(0, 1).flatten(1, 2)
                 parts.append(part)
@@ -286,7 +287,9 @@ class GearCache(Cache):
     ``GearCache("gear", bits=2)`` takes a preset name and :func:`gear_lab.compress.get_preset`
     overrides; ``GearCache(config)`` a :class:`gear_lab.compress.CompressionConfig`. ``n_b`` is
     ``config.block_size`` (default 64). Give ``model_config`` (the model's ``config``) to keep
-    sliding-window layers windowed. Use as ``model.generate(ids, past_key_values=GearCache(...))``
+    sliding-window layers windowed. ``storage_dtype`` (e.g. ``torch.float16``, as a half-precision
+    cache holds K/V) is the dtype blocks are compressed in (kept outliers are stored in it);
+    ``None``: the model's dtype. Use as ``model.generate(ids, past_key_values=GearCache(...))``
     or in plain forward calls; for a left-padded batch call :meth:`set_padding` first.
     """
 
@@ -295,6 +298,7 @@ class GearCache(Cache):
         method: str | CompressionConfig = "gear",
         *,
         model_config: Any = None,
+        storage_dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> None:
         _check_transformers_version()
@@ -310,6 +314,11 @@ class GearCache(Cache):
             )
         self.config = config
         self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
+        if storage_dtype is not None and not (
+            isinstance(storage_dtype, torch.dtype) and storage_dtype.is_floating_point
+        ):
+            raise ConfigError(f"storage_dtype must be a float torch.dtype, got {storage_dtype!r}")
+        self.storage_dtype = storage_dtype
         self._padding: torch.Tensor | None = None
         if model_config is None:
             super().__init__(layers=[])

@@ -14,7 +14,8 @@ A compressed cache is named by a *cache spec*: a :class:`gear_lab.compress.Compr
 a preset name (``"gear"``, ``"kivi"``, ... -> :class:`gear_lab.cache.GearCache`), ``"dynamic"``
 (transformers' full-precision ``DynamicCache``) or ``"quantized:<backend>:<bits>[:<group_size>]"``
 (transformers' ``QuantizedCache`` with the ``quanto`` or ``hqq`` backend, a KIVI-like baseline;
-needs the ``baselines`` extra). See :func:`make_cache`.
+needs the ``baselines`` extra), or a factory ``model -> Cache`` (named by its ``label`` or
+``__name__``). See :func:`make_cache`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -35,7 +37,7 @@ from gear_lab.cache import GearCache, _layer_windows, cache_kwarg
 from gear_lab.compress import CompressionConfig, get_preset, list_presets
 from gear_lab.errors import CacheError, ConfigError
 
-CacheSpec = CompressionConfig | str
+CacheSpec = CompressionConfig | str | Callable[[torch.nn.Module], Cache]
 
 #: backend name -> the module its QuantizedCache needs
 _QUANTIZED_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
@@ -81,8 +83,12 @@ def token_agreement(reference: list[int], other: list[int]) -> tuple[float, int 
 
 
 def method_label(spec: CacheSpec) -> str:
-    """Human-readable name of a cache spec."""
-    return spec.name if isinstance(spec, CompressionConfig) else str(spec)
+    """Human-readable name of a cache spec (a factory's ``label`` or ``__name__``)."""
+    if isinstance(spec, CompressionConfig):
+        return spec.name
+    if callable(spec):
+        return str(getattr(spec, "label", None) or getattr(spec, "__name__", repr(spec)))
+    return str(spec)
 
 
 def make_cache(spec: CacheSpec, model: torch.nn.Module) -> Cache:
@@ -93,6 +99,11 @@ def make_cache(spec: CacheSpec, model: torch.nn.Module) -> Cache:
     """
     if isinstance(spec, CompressionConfig):
         return GearCache(spec, model_config=model.config)
+    if callable(spec):
+        cache = spec(model)
+        if not isinstance(cache, Cache):
+            raise ConfigError(f"cache factory {method_label(spec)} returned {type(cache).__name__}")
+        return cache
     if not isinstance(spec, str):
         raise ConfigError(f"a cache spec is a CompressionConfig or a string, got {spec!r}")
     if spec == "dynamic":

@@ -87,6 +87,21 @@ def test_bytes_shrink_when_a_block_is_compressed():
     assert 0 < cache.bits_per_entry() < 32
 
 
+def test_storage_dtype_compresses_half_precision_blocks():
+    cache = GearCache("gear", block_size=4, bits=4, rank=1, storage_dtype=torch.float16)
+    k, v = _states(1, 9, seed=4)
+    out = cache.update(k, v, 0)
+    assert torch.equal(out[0], k)  # the step's own states stay exact
+    layer = cache.layers[0]
+    assert layer.keys.dtype == torch.float32
+    block = layer.rows[0].blocks[0]
+    assert block.keys.dtype == torch.float16 and block.keys.shape == (2, HEADS, 4, DIM)
+    want = block.keys.decompress().float().transpose(0, 1).flatten(1, 2)[None]
+    assert torch.equal(layer.keys[..., :8, :], want)
+    with pytest.raises(ConfigError):
+        GearCache("gear", storage_dtype=torch.int8)
+
+
 def test_padding_never_enters_a_rows_blocks():
     """A left-padded row gets bit-identical blocks to the same row alone, whatever the padding."""
     n_b, pad, real, steps = 4, 3, 9, 5

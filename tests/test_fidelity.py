@@ -18,6 +18,7 @@ from gear_lab.errors import ConfigError
 from gear_lab.fidelity import (
     check_generation,
     make_cache,
+    method_label,
     next_token_kl,
     parse_quantized_spec,
     perplexity_check,
@@ -78,6 +79,14 @@ def test_cache_specs(smol):
     assert make_cache(get_preset("gear", bits=2), model).config.keys.bits == 2
     assert parse_quantized_spec("quantized:hqq:2:32") == ("hqq", 2, 32)
     assert parse_quantized_spec("quantized:quanto:4") == ("quanto", 4, 64)
+
+    def half_gear(model):
+        return GearCache("kivi", model_config=model.config, storage_dtype=torch.float16)
+
+    assert make_cache(half_gear, model).storage_dtype == torch.float16
+    assert method_label(half_gear) == "half_gear"
+    with pytest.raises(ConfigError):
+        make_cache(lambda model: None, model)
     for bad in ("nope", "quantized:foo:4", "quantized:quanto:x", "quantized:quanto:9"):
         with pytest.raises(ConfigError):
             make_cache(bad, model)
