@@ -31,13 +31,19 @@ from gear_lab.compress import (
 from gear_lab.dump import Dump, open_dump
 from gear_lab.errors import ConfigError
 
-__all__ = ["SWEEP_KINDS", "expand_grid", "parse_grid", "sweep"]
+__all__ = [
+    "ATTENTION_COLUMNS",
+    "RECONSTRUCTION_COLUMNS",
+    "SWEEP_KINDS",
+    "expand_grid",
+    "parse_grid",
+    "sweep",
+]
 
 # kinds a sweep can compress; attention metrics need post-RoPE keys, so keys_pre_rope gets NaN
 SWEEP_KINDS = ("keys", "values", "keys_pre_rope")
 RECONSTRUCTION_COLUMNS = ("rel_fro", "max_abs", "cosine", "snr_db")
 ATTENTION_COLUMNS = ("score_rel", "kl", "tv", "output_rel")
-_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(TensorCompression))
 
 
 def expand_grid(grid: Mapping[str, Any]) -> list[CompressionConfig]:

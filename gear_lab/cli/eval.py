@@ -10,21 +10,6 @@ import argparse
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
 
-# columns of the printed table, in order
-TABLE_COLUMNS = (
-    "layer",
-    "kind",
-    "bits_per_entry",
-    "rel_fro",
-    "max_abs",
-    "cosine",
-    "snr_db",
-    "score_rel",
-    "kl",
-    "tv",
-    "output_rel",
-)
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
@@ -51,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("float16", "bfloat16", "float32"),
         help="compress K/V in this dtype, as a cache would hold them (default: as stored)",
     )
-    parser.add_argument("--json", action="store_true", help="print a JSON list of records")
+    parser.add_argument(
+        "--json", action="store_true", help="print a JSON list of records (NaN and inf as null)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -59,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print; library errors propagate to the CLI's one-line handler."""
     import torch
 
-    from gear_lab.sweep import sweep
+    from gear_lab.sweep import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS, sweep
 
     config = config_from_args(args)
     df = sweep(
@@ -76,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
         print(df.to_json(orient="records"))
         return 0
     print(f"{config.name}: sample {args.sample} of {args.dump}")
-    print(df[list(TABLE_COLUMNS)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    columns = ["layer", "kind", "bits_per_entry", *RECONSTRUCTION_COLUMNS, *ATTENTION_COLUMNS]
+    print(df[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
