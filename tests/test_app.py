@@ -208,7 +208,8 @@ def test_live_generation_matches_check_generation(app, smol) -> None:
     ok(at.run())
     ref = check_generation(*smol, prompt, get_preset("gear", bits=2), max_new_tokens=8)
     assert shown(at, "same tokens") == [f"{ref.token_agreement:.0%}"]
-    assert shown(at, "mean KL per step") == [state.fmt(ref.mean_kl)]
+    # the app loads its model with device="auto": on a CUDA machine KL agrees to rounding only
+    assert float(shown(at, "mean KL per step")[0]) == pytest.approx(ref.mean_kl, rel=1e-3, abs=1e-6)
     expected = "none" if ref.first_divergence is None else f"token {ref.first_divergence}"
     assert shown(at, "first divergence") == [expected]
     assert len(at.get("plotly_chart")) == 1
