@@ -1,0 +1,244 @@
+"""Compression speed next to a device copy of the same tensor, measured in the same run.
+
+For each shape (a Llama-2-7B layer, a Llama-3-8B layer, a real SmolLM2 layer) the keys and
+values of one layer (``[batch, kv_heads, seq, head_dim]`` float16) are
+
+* copied (``dst.copy_(src)``): the device's memory-copy rate, the baseline every ratio uses;
+* compressed and decompressed with the plain torch implementation (``gear_lab.compress``),
+  for every preset, block-wise with n_b = 64 (GEAR streaming, Kang et al. 2024);
+* compressed and decompressed with the fused Triton kernel (``gear_lab.kernels``) where CUDA
+  and Triton are present.
+
+Throughput is GB/s of float16 input (``bytes of K and V / best seconds``), for the copy too,
+so ``% copy`` is the share of a plain copy's speed (the copy moves twice these bytes).
+Targets (issues 3 and 7): torch on CPU >= 10 % of copy; fused on GPU >= 25 % (compression),
+>= 40 % (decompression) and >= 50x torch, for 2-bit GEAR, G = 64, s = 2 %, r = 2, n_b = 64
+(the ``gear-2bit`` row).
+
+    python benchmarks/speed.py [--device cpu|cuda|auto] [--quick] [--dump DUMP.h5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gear_lab.compress import CompressionConfig, compress, get_preset, list_presets
+from gear_lab.errors import GearLabError
+from gear_lab.kernels import compress_fused, decompress_fused, fused_unavailable_reason
+from gear_lab.models import cache_dir, resolve_device
+
+TARGET = "gear-2bit"
+BLOCK = 64
+
+
+def configs(quick: bool) -> dict[str, CompressionConfig]:
+    """The target GEAR setting first, then every preset (block-wise, n_b = 64)."""
+    target = get_preset("gear", bits=2, group_size=64, outliers=0.02, rank=2, block_size=BLOCK)
+    out = {TARGET: target}
+    names = ["kivi"] if quick else [n for n in list_presets() if n != "none"]
+    for name in names:
+        out[name] = get_preset(name, block_size=BLOCK)
+    return out
+
+
+def shapes(device: torch.device, dump: Path | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (keys, values) float16 on ``device``."""
+    batch = 8 if device.type == "cuda" else 1
+    gen = torch.Generator().manual_seed(0)
+
+    def synthetic(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Heavy-tailed channel scales, like real keys (a few outlier channels).
+        scales = torch.exp(torch.randn(shape[-1], generator=gen))
+        k = torch.randn(*shape, generator=gen) * scales
+        v = torch.randn(*shape, generator=gen)
+        return k.to(device, torch.float16), v.to(device, torch.float16)
+
+    out = {
+        f"llama2-7b [{batch},32,4096,128]": synthetic(batch, 32, 4096, 128),
+        "llama3-8b [1,8,4096,128]": synthetic(1, 8, 4096, 128),
+    }
+    k, v = smollm2_layer(dump)
+    out[f"smollm2 dump {list(k.shape)}"] = (k.to(device), v.to(device))
+    return out
+
+
+def smollm2_layer(dump: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of layer 15 of a real SmolLM2-135M dump, ``[1, 3, seq, 64]`` float16.
+
+    Without ``dump``, a 512-token pydoc dump is captured once into gear-lab's cache.
+    """
+    from gear_lab.dump import capture_dump, open_dump
+
+    if dump is None:
+        dump = cache_dir() / "benchmarks" / "smollm2-pydoc-512.h5"
+        if not dump.exists():
+            dump.parent.mkdir(parents=True, exist_ok=True)
+            capture_dump(dump, corpus="pydoc", samples=1, max_tokens=512, device="cpu")
+    with open_dump(dump) as d:
+        layer = d.layers[len(d.layers) // 2]
+        k = d.load("keys", layer, dtype=torch.float16)[None]
+        v = d.load("values", layer, dtype=torch.float16)[None]
+    return k, v
+
+
+def seconds(fn: Callable[[], object], device: torch.device, budget: float, reps: int) -> float:
+    """Best wall time of ``fn`` after one warm-up call (compiles kernels): at least 2, at most
+    ``reps`` timed calls, stopping once ``budget`` seconds are spent. The best, not the
+    median, because shared machines add noise only upwards."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str
+    impl: str
+    comp_gbs: float
+    decomp_gbs: float
+    bits: float
+    copy_gbs: float
+    torch_comp: float | None = None
+
+    def cells(self) -> list[str]:
+        pct = lambda v: f"{100 * v / self.copy_gbs:7.2f}%"  # noqa: E731
+        speedup = f"{self.comp_gbs / self.torch_comp:7.1f}x" if self.torch_comp else ""
+        return [
+            self.shape,
+            self.method,
+            self.impl,
+            f"{self.comp_gbs:8.3f}",
+            pct(self.comp_gbs),
+            f"{self.decomp_gbs:8.3f}",
+            pct(self.decomp_gbs),
+            f"{self.bits:5.2f}",
+            speedup,
+        ]
+
+
+HEADER = [
+    "shape",
+    "method",
+    "impl",
+    "comp GB/s",
+    "% copy",
+    "decomp GB/s",
+    "% copy",
+    "bits",
+    "fused/torch",
+]
+
+
+def bench_shape(
+    name: str,
+    kv: tuple[torch.Tensor, torch.Tensor],
+    cfgs: dict[str, CompressionConfig],
+    device: torch.device,
+    fused: bool,
+    budget: float,
+    reps: int,
+) -> list[Row]:
+    k, v = kv
+    gbytes = (k.nbytes + v.nbytes) / 1e9
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def copy() -> None:
+        dk.copy_(k)
+        dv.copy_(v)
+
+    copy_gbs = gbytes / seconds(copy, device, budget, max(reps, 20))
+    rows = [Row(name, "copy", "torch", copy_gbs, copy_gbs, 16.0, copy_gbs)]
+    impls: list[tuple[str, Callable, Callable]] = [("torch", compress, lambda c: c.decompress())]
+    if fused:
+        impls.append(("fused", compress_fused, decompress_fused))
+    for method, cfg in cfgs.items():
+        torch_comp = None
+        for impl, comp_fn, decomp_fn in impls:
+            try:
+                ck, cv = comp_fn(k, cfg, kind="keys"), comp_fn(v, cfg, kind="values")
+            except GearLabError as err:  # the fused kernel covers a subset of settings
+                print(f"  {name} {method} {impl}: skipped ({err})", file=sys.stderr)
+                continue
+            t_comp = seconds(
+                lambda cfg=cfg, f=comp_fn: (f(k, cfg, kind="keys"), f(v, cfg, kind="values")),
+                device,
+                budget,
+                reps,
+            )
+            t_dec = seconds(lambda ck=ck, cv=cv, f=decomp_fn: (f(ck), f(cv)), device, budget, reps)
+            bits = 8 * (ck.nbytes + cv.nbytes) / (ck.numel + cv.numel)
+            row = Row(name, method, impl, gbytes / t_comp, gbytes / t_dec, bits, copy_gbs)
+            if impl == "torch":
+                torch_comp = row.comp_gbs
+            else:
+                row.torch_comp = torch_comp
+            rows.append(row)
+            print(" | ".join(row.cells()), file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    cells = [HEADER, *[r.cells() for r in rows]]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--quick", action="store_true", help="only the GEAR target and KIVI")
+    parser.add_argument("--dump", type=Path, help="SmolLM2 dump (default: capture one, cached)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except GearLabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 2.0)
+    reps = 5 if args.quick else 20
+    reason = fused_unavailable_reason(device)
+    if device.type != "cuda":
+        reason = "needs CUDA (Triton's CPU interpreter is for tests, not speed)"
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    threads = torch.get_num_threads()
+    print(f"device: {name} ({device}), torch {torch.__version__}, {threads} threads")
+    print(f"fused kernel: {'yes' if reason is None else 'no: ' + reason}")
+    rows: list[Row] = []
+    for shape_name, kv in shapes(device, args.dump).items():
+        rows += bench_shape(
+            shape_name, kv, configs(args.quick), device, reason is None, budget, reps
+        )
+        del kv
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
