@@ -87,6 +87,20 @@ def test_bytes_shrink_when_a_block_is_compressed():
     assert 0 < cache.bits_per_entry() < 32
 
 
+def test_kept_blocks_own_their_memory():
+    """Several blocks at once through the identity: kept tensors never alias the workspace."""
+    cache = GearCache("none", block_size=2)
+    k, v = _states(1, 7, seed=5)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    (block,) = layer.rows[0].blocks
+    assert block.count == 3
+    workspace = {layer.keys.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
+    for t in [*block.keys.tensors().values(), *block.values.tensors().values()]:
+        assert t.untyped_storage().data_ptr() not in workspace
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+
 def test_storage_dtype_compresses_half_precision_blocks():
     cache = GearCache("gear", block_size=4, bits=4, rank=1, storage_dtype=torch.float16)
     k, v = _states(1, 9, seed=4)
