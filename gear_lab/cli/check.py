@@ -12,6 +12,7 @@ import json
 import textwrap
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
+from gear_lab.compress import CompressionConfig
 from gear_lab.errors import ConfigError
 
 
@@ -35,7 +36,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def cache_spec_from_args(args: argparse.Namespace):
+def cache_spec_from_args(args: argparse.Namespace) -> CompressionConfig | str:
     """The cache spec of :func:`gear_lab.fidelity.make_cache`: a config, or a baseline string."""
     from gear_lab.fidelity import parse_quantized_spec
 
