@@ -14,6 +14,7 @@ power-iteration low rank up to rank 32. Not covered (``ConfigError``): rotation,
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -93,6 +94,13 @@ def _check_settings(tc: TensorCompression, block: int | None, dim: int) -> int:
     return _group(tc, block, dim)
 
 
+@functools.lru_cache(maxsize=32)
+def _omega(dim: int, rank: int, seed: int, device: torch.device) -> Tensor:
+    """The power iteration's seeded Gaussian start ``[dim, rank]`` (the torch reference's),
+    cached so that a GPU call does no host-to-device copy."""
+    return gaussian_start(dim, rank, seed, device, torch.float32).contiguous()
+
+
 def _precisions(device: torch.device) -> tuple[str, str]:
     """(power iteration, final projection) ``tl.dot`` precisions: TF32 / 3xTF32 on GPUs,
     plain fp32 in the interpreter."""
@@ -140,7 +148,7 @@ def compress_fused(x: Tensor, config: CompressionConfig, kind: str = "keys") -> 
     out_idx = torch.empty(out_shape, dtype=index_dtype(block if out_channel else dim), device=dev)
     left = torch.empty((*lead, n_blocks, block, tc.rank), dtype=torch.float16, device=dev)
     right = torch.empty((*lead, n_blocks, tc.rank, dim), dtype=torch.float16, device=dev)
-    omega = gaussian_start(dim, max(tc.rank, 1), tc.seed, dev, torch.float32).contiguous()
+    omega = _omega(dim, max(tc.rank, 1), tc.seed, dev)
     grid = (body_shape[:-2].numel(),)
     bad = torch.empty(grid, dtype=torch.int32, device=dev)
     iter_prec, final_prec = _precisions(dev)
