@@ -9,7 +9,8 @@ SmolLM2-135M-Instruct prefills ``--prompt-tokens`` tokens of pydoc text, then de
 * :class:`gear_lab.GearCache` presets (n_b = 64, the GEAR paper's streaming, Kang et al. 2024).
 
 Per row: decode tokens/s, cache bytes held after decoding (measured from the tensors kept), both
-as ratios to ``DynamicCache``, and how many greedy tokens agree with ``DynamicCache``'s.
+as ratios to ``DynamicCache``, and how many greedy tokens match ``DynamicCache``'s before the
+first difference.
 Runs on the CPU, and on CUDA as well when present (``--device``).
 
     python benchmarks/generation.py [--device cpu,cuda] [--prompt-tokens 256] [--new-tokens 64]
@@ -31,7 +32,7 @@ from gear_lab import load_model
 from gear_lab.cache import GearCache, cache_kwarg
 from gear_lab.compress import get_preset
 from gear_lab.errors import GearLabError
-from gear_lab.fidelity import cache_nbytes, make_cache
+from gear_lab.fidelity import cache_nbytes, make_cache, token_agreement
 
 GEAR_ROWS = {
     "GearCache kivi (2-bit, G 32)": get_preset("kivi"),
@@ -57,7 +58,7 @@ class Row:
     speed_ratio: float
     cache_bytes: int
     bytes_ratio: float
-    same_tokens: int
+    agree_until: int
     new_tokens: int
 
 
@@ -107,7 +108,8 @@ def run_device(device: str, prompt_tokens: int, new_tokens: int) -> list[Row]:
         speed = (new_tokens - 1) / seconds
         if name == "DynamicCache":
             ref_tokens, ref_speed, ref_bytes = tokens, speed, nbytes
-        same = sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))
+        _, divergence = token_agreement(ref_tokens, tokens)
+        same = new_tokens if divergence is None else divergence
         rows.append(
             Row(
                 device, name, speed, speed / ref_speed, nbytes, nbytes / ref_bytes, same, new_tokens
@@ -137,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens} tokens, {args.new_tokens} greedy "
         "decoding steps; ratios against DynamicCache of the same run"
     )
-    header = f"{'device':6} {'cache':36} {'tok/s':>7} {'x speed':>8} {'KiB':>7} {'x bytes':>8} same"
+    header = (
+        f"{'device':6} {'cache':36} {'tok/s':>7} {'x speed':>8} {'KiB':>7} {'x bytes':>8} agree"
+    )
     print(header)
     for r in rows:
         print(
             f"{r.device:6} {r.cache:36} {r.decode_tok_s:7.1f} {r.speed_ratio:8.2f} "
-            f"{r.cache_bytes / 2**10:7.0f} {r.bytes_ratio:8.3f} {r.same_tokens}/{r.new_tokens}"
+            f"{r.cache_bytes / 2**10:7.0f} {r.bytes_ratio:8.3f} {r.agree_until}/{r.new_tokens}"
         )
     return 0
 
