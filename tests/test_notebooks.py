@@ -39,7 +39,6 @@ def test_notebook_is_committed_clean(path: Path) -> None:
 def test_notebook_executes(path: Path, smol_dump: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GEAR_LAB_DUMP", str(smol_dump))
     monkeypatch.setenv("GEAR_LAB_FAST", "1")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
     nb = nbformat.read(path, as_version=4)
     # an extra last cell reports which interpreter ran the kernel: it must be this venv's
     nb.cells.append(nbformat.v4.new_code_cell("import sys, json; print(json.dumps(sys.prefix))"))
