@@ -4,8 +4,8 @@ Protocol (the notes'): windows of CPython's pydoc topics text on SmolLM2-135M-In
 prefill 512 tokens into a fresh cache, which compresses the whole prefill (8 blocks of n_b = 64,
 each once, GEAR streaming, Kang et al. 2024; one 512-token block where a row says so), teacher-force the next 128 tokens through it and
 compare their next-token predictions with a full-precision forward: perplexity, per-token
-``KL(full || compressed)`` and top-1 agreement. Windows are spread evenly over the corpus
-(:func:`gear_lab.fidelity.window_starts`). ``bits`` is measured right after prefill from the
+``KL(full || compressed)`` and top-1 agreement. Windows are consecutive from the corpus start
+(:func:`gear_lab.fidelity.window_starts`), which reproduces the notes' full-precision perplexity. ``bits`` is measured right after prefill from the
 tensors each cache keeps (``8 * bytes / cached K/V entries``); GearCache rows compress K/V as
 float16 (``storage_dtype``), as a half-precision cache holds them, so kept outliers cost 16 bits
 plus their index. The notes' rows are printed next to the measured ones ("notes").
@@ -92,6 +92,7 @@ TUNING: dict[str, CompressionConfig] = {
         4, 32, value_bits=3, value_group_size=64, rotate=True
     ),
     "Hadamard keys 6-bit / values 3-bit, G 64": _q(6, 64, value_bits=3, rotate=True),
+    "Hadamard keys 5-bit / plain values 4-bit, G 64": _q(5, 64, value_bits=4, key_rotate=True),
     "Hadamard keys 5-bit / values 3-bit, G 64": _q(5, 64, value_bits=3, rotate=True),
     "Hadamard keys 4-bit / values 3-bit, G 64": _q(4, 64, value_bits=3, rotate=True),
     "Hadamard keys 4-bit / values 2-bit, G 64": _q(4, 64, value_bits=2, rotate=True),

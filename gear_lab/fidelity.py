@@ -5,8 +5,8 @@
   continuation (so that drift does not confound it), the per-step KL divergence
   ``KL(full || compressed)`` and top-1 agreement of the next-token distributions, cache bytes
   and tokens per second of both.
-- :func:`perplexity_check`: the protocol of the reference table of ``gear-notes.md``: windows of
-  CPython's pydoc topics text; prefill ``prefill`` tokens, compress the whole prefill cache, then
+- :func:`perplexity_check`: the protocol of the reference table of ``gear-notes.md``: consecutive
+  windows of CPython's pydoc topics text; prefill ``prefill`` tokens, compress the whole prefill cache, then
   teacher-force the next ``continuation`` tokens through the compressed cache in one forward and
   score their ``continuation`` next-token predictions against a full-precision forward.
 
@@ -352,20 +352,19 @@ def _corpus_ids(tokenizer: Any, corpus: str) -> Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def window_starts(total: int, windows: int, length: int) -> list[int]:
-    """Start of each of ``windows`` windows of ``length`` tokens spread evenly over ``total``
-    tokens: window ``i`` starts at ``i * (total - length) // (windows - 1)`` (0 for one window).
-    Raises :class:`ConfigError` when they would overlap."""
+def window_starts(total: int, windows: int, span: int) -> list[int]:
+    """Start of each of ``windows`` consecutive windows from the corpus start: window ``i``
+    feeds tokens ``[i * span, (i + 1) * span)`` and its last target is token ``(i + 1) * span``.
+    (Consecutive windows reproduce the notes' full-precision perplexity, 13.15 vs 13.16.)
+    Raises :class:`ConfigError` when the corpus is too short."""
     if windows < 1:
         raise ConfigError(f"windows must be >= 1, got {windows}")
-    if windows * length > total:
+    if windows * span + 1 > total:
         raise ConfigError(
-            f"{windows} distinct windows of {length} tokens need {windows * length} tokens; "
+            f"{windows} windows of {span} tokens need {windows * span + 1} tokens; "
             f"the corpus has {total}"
         )
-    if windows == 1:
-        return [0]
-    return [i * (total - length) // (windows - 1) for i in range(windows)]
+    return [i * span for i in range(windows)]
 
 
 def validate_protocol(windows: int, prefill: int, continuation: int) -> None:
@@ -388,7 +387,8 @@ def perplexity_check(
 ) -> PerplexityCheck:
     """Perplexity, KL(full || compressed) and top-1 agreement of a compressed prefill cache.
 
-    Each window holds ``prefill + continuation + 1`` corpus tokens (see :func:`window_starts`).
+    Window ``i`` feeds corpus tokens ``[i * span, (i + 1) * span)``, ``span = prefill +
+    continuation``, from the corpus start (see :func:`window_starts`).
     Full precision: one forward over ``prefill + continuation`` tokens. Compressed: the prefill
     fills a fresh cache from ``config`` (compressed as it arrives: with ``prefill`` a multiple of
     the block size nothing stays in full precision), then the ``continuation`` tokens go through
@@ -401,7 +401,7 @@ def perplexity_check(
     device = next(model.parameters()).device
     ids = _corpus_ids(tokenizer, corpus)
     length = prefill + continuation + 1
-    starts = window_starts(len(ids), windows, length)
+    starts = window_starts(len(ids), windows, prefill + continuation)
     key = cache_kwarg(model)
     nll_full: list[Tensor] = []
     nll_comp: list[Tensor] = []
