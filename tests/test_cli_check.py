@@ -43,6 +43,10 @@ def test_check_json_and_table_match_the_library(loaded, capsys):
     assert code == 0
     assert "--- full precision ---" in out and "--- compressed ---" in out
     assert want.full_text.strip() in out and "teacher-forced mean KL" in out
+    assert "nothing was compressed" not in out
+
+    code, out, _ = _run(capsys, "check", "--prompt", "Hi", "--max-new-tokens", "2")
+    assert code == 0 and "note: nothing was compressed" in out  # 64-token blocks by default
 
 
 def test_ppl_json(loaded, capsys):

@@ -68,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check and print; library errors propagate to the CLI's one-line handler."""
+    from gear_lab.cache import DEFAULT_BLOCK_SIZE
     from gear_lab.fidelity import check_generation
     from gear_lab.models import load_model
 
@@ -95,4 +96,13 @@ def run(args: argparse.Namespace) -> int:
         f"{check.compressed_cache_bytes / 2**10:.1f} KiB compressed ({ratio:.2f}x smaller); "
         f"{check.full_tokens_per_s:.1f} vs {check.compressed_tokens_per_s:.1f} tok/s"
     )
+    if (
+        isinstance(spec, CompressionConfig)
+        and check.compressed_cache_bytes >= check.full_cache_bytes
+    ):
+        print(
+            f"note: nothing was compressed: the cache keeps its newest n_b = "
+            f"{spec.block_size or DEFAULT_BLOCK_SIZE} tokens in full precision; use a longer "
+            "prompt or a smaller --block-size"
+        )
     return 0
