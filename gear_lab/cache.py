@@ -184,8 +184,8 @@ class GearLayer(DynamicLayer):
         cut = keep_from - self.offset
         self.keys, self.values = self.keys[..., cut:, :], self.values[..., cut:, :]
         self.offset = keep_from
+        n_b = self.owner.block_size
         for row in self.rows:
-            n_b = self.owner.block_size
             row.blocks = [b for b in row.blocks if b.start + b.count * n_b > keep_from]
             # tokens that left the window before their block filled are never compressed
             row.done = max(row.done, keep_from)
