@@ -389,10 +389,10 @@ def perplexity_check(
 
     Window ``i`` feeds corpus tokens ``[i * span, (i + 1) * span)``, ``span = prefill +
     continuation``, from the corpus start (see :func:`window_starts`).
-    Full precision: one forward over ``prefill + continuation`` tokens. Compressed: the prefill
-    fills a fresh cache from ``config`` (compressed as it arrives: with ``prefill`` a multiple of
-    the block size nothing stays in full precision), then the ``continuation`` tokens go through
-    it in one forward. Both score the same ``continuation`` next-token predictions (those made at
+    Both runs take the same path, so that only the cache differs: the prefill fills a fresh cache
+    (a ``DynamicCache`` for full precision; one from ``config`` for the compressed run, compressed
+    as it arrives: with ``prefill`` a multiple of the block size nothing stays in full
+    precision), then the ``continuation`` tokens go through it in one forward. Both score the same ``continuation`` next-token predictions (those made at
     the continuation positions). ``bits_per_entry`` is the cache's measured size right after
     prefill, in bits per cached K/V entry.
     """
@@ -412,11 +412,16 @@ def perplexity_check(
     for start in tqdm(starts, desc=f"ppl {method_label(config)}", disable=not progress):
         window = ids[start : start + length].to(device)[None]
         inputs, targets = window[:, :-1], window[0, prefill + 1 :]
-        full = model(input_ids=inputs, use_cache=False).logits[0, prefill:]
-        cache = make_cache(config, model)
-        model(input_ids=inputs[:, :prefill], use_cache=True, logits_to_keep=1, **{key: cache})
-        bits.append(8 * cache_nbytes(cache) / _cache_entries(model, prefill))
-        comp = model(input_ids=inputs[:, prefill:], use_cache=True, **{key: cache}).logits[0]
+        logits_by_spec = []
+        for spec in ("dynamic", config):
+            cache = make_cache(spec, model)
+            model(input_ids=inputs[:, :prefill], use_cache=True, logits_to_keep=1, **{key: cache})
+            prefill_bits = 8 * cache_nbytes(cache) / _cache_entries(model, prefill)
+            logits_by_spec.append(
+                model(input_ids=inputs[:, prefill:], use_cache=True, **{key: cache}).logits[0]
+            )
+        bits.append(prefill_bits)  # of the compressed cache, the loop's last
+        full, comp = logits_by_spec
         for logits, out in ((full, nll_full), (comp, nll_comp)):
             out.append(
                 torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")

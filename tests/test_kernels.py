@@ -1,19 +1,13 @@
 """The fused Triton GEAR kernels against the torch reference (gear_lab.compress).
 
-Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
-before Triton is first imported), on small shapes. With CUDA they run compiled on the GPU.
+Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
+``conftest.py`` before Triton is first imported), on small shapes. With CUDA they run compiled on the GPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
