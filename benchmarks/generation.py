@@ -30,7 +30,7 @@ import torch
 
 from gear_lab import load_model
 from gear_lab.cache import GearCache, cache_kwarg
-from gear_lab.compress import get_preset
+from gear_lab.compression import get_preset
 from gear_lab.errors import GearLabError
 from gear_lab.fidelity import cache_nbytes, make_cache, token_agreement
 

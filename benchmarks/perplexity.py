@@ -32,7 +32,7 @@ import torch
 
 from gear_lab import load_model
 from gear_lab.cache import GearCache
-from gear_lab.compress import CompressionConfig, get_preset
+from gear_lab.compression import CompressionConfig, get_preset
 from gear_lab.errors import GearLabError
 from gear_lab.fidelity import CacheSpec, perplexity_check
 

@@ -12,7 +12,7 @@ missing, with queries) is compressed whole (the prefill cache, as in the GEAR pa
   with *both* K and V compressed (mean over layers), and ``KL`` of the attention rows.
 
 Configurations: every preset over a small grid, plus a tuning stage. The tuning stage sweeps
-(:func:`gear_lab.sweep.sweep`) per-kind settings: KIVI-style grouped quantization (bits 2-4,
+(:func:`gear_lab.sweeps.sweep`) per-kind settings: KIVI-style grouped quantization (bits 2-4,
 G 16-128 or the whole axis), GEAR on top of it (a 1/64 outlier fraction and / or rank 1-2 by
 SVD) and Hadamard-rotated quantization; it then pairs key and value settings and keeps, per
 family and budget, the pairs with the lowest estimated output error, which are then measured
@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from gear_lab import capture_dump, metrics, open_dump
 from gear_lab.capture import parse_layers
-from gear_lab.compress import CompressionConfig, compress, get_preset
+from gear_lab.compression import CompressionConfig, compress, get_preset
 from gear_lab.errors import GearLabError
 from gear_lab.plots import pareto_front
-from gear_lab.sweep import sweep
+from gear_lab.sweeps import sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DUMP = RESULTS / "smollm2-135m-pydoc-512.h5"

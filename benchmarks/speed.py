@@ -4,7 +4,7 @@ For each shape (a Llama-2-7B layer, a Llama-3-8B layer, a real SmolLM2 layer) th
 values of one layer (``[batch, kv_heads, seq, head_dim]`` float16) are
 
 * copied (``dst.copy_(src)``): the device's memory-copy rate, the baseline every ratio uses;
-* compressed and decompressed with the plain torch implementation (``gear_lab.compress``),
+* compressed and decompressed with the plain torch implementation (``gear_lab.compression``),
   for every preset, block-wise with n_b = 64 (GEAR streaming, Kang et al. 2024);
 * compressed and decompressed with the fused Triton kernel (``gear_lab.kernels``) where CUDA
   and Triton are present.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from gear_lab.compress import CompressionConfig, compress, get_preset, list_presets
+from gear_lab.compression import CompressionConfig, compress, get_preset, list_presets
 from gear_lab.errors import GearLabError
 from gear_lab.kernels import compress_fused, decompress_fused, fused_unavailable_reason
 from gear_lab.models import cache_dir, resolve_device

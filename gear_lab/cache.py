@@ -5,7 +5,7 @@ Generative Inference of LLM", section 3.3) keeps the newest ``n_b`` tokens of ev
 precision and compresses each full block of ``n_b`` tokens exactly once. This module does that on
 top of transformers' public cache-layer API:
 
-- each layer keeps, per batch row, its compressed blocks as :class:`gear_lab.compress.Compressed`
+- each layer keeps, per batch row, its compressed blocks as :class:`gear_lab.compression.Compressed`
   objects (the blocks completed by one forward call are compressed together as a batch of
   ``[count, kv_heads, n_b, head_dim]``, each block with its own statistics and low rank) and a
   full-precision buffer of fewer than ``n_b`` newest tokens;
@@ -49,7 +49,7 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, DynamicLayer
 
-from gear_lab.compress import Compressed, CompressionConfig, compress, get_preset
+from gear_lab.compression import Compressed, CompressionConfig, compress, get_preset
 from gear_lab.errors import CacheError, ConfigError
 
 DEFAULT_BLOCK_SIZE = 64  # n_b of the GEAR paper's code
@@ -288,8 +288,8 @@ class GearLayer(DynamicLayer):
 class GearCache(Cache):
     """A transformers cache that stores K/V as GEAR-compressed blocks plus a recent buffer.
 
-    ``GearCache("gear", bits=2)`` takes a preset name and :func:`gear_lab.compress.get_preset`
-    overrides; ``GearCache(config)`` a :class:`gear_lab.compress.CompressionConfig`. ``n_b`` is
+    ``GearCache("gear", bits=2)`` takes a preset name and :func:`gear_lab.compression.get_preset`
+    overrides; ``GearCache(config)`` a :class:`gear_lab.compression.CompressionConfig`. ``n_b`` is
     ``config.block_size`` (default 64). Give ``model_config`` (the model's ``config``) to keep
     sliding-window layers windowed. ``storage_dtype`` (e.g. ``torch.float16``, as a half-precision
     cache holds K/V) is the dtype blocks are compressed in (kept outliers are stored in it);

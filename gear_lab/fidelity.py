@@ -10,7 +10,7 @@
   teacher-force the next ``continuation`` tokens through the compressed cache in one forward and
   score their ``continuation`` next-token predictions against a full-precision forward.
 
-A compressed cache is named by a *cache spec*: a :class:`gear_lab.compress.CompressionConfig`,
+A compressed cache is named by a *cache spec*: a :class:`gear_lab.compression.CompressionConfig`,
 a preset name (``"gear"``, ``"kivi"``, ... -> :class:`gear_lab.cache.GearCache`), ``"dynamic"``
 (transformers' full-precision ``DynamicCache``) or ``"quantized:<backend>:<bits>[:<group_size>]"``
 (transformers' ``QuantizedCache`` with the ``quanto`` or ``hqq`` backend, a KIVI-like baseline;
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from gear_lab.cache import GearCache, _layer_windows, cache_kwarg
-from gear_lab.compress import CompressionConfig, get_preset, list_presets
+from gear_lab.compression import CompressionConfig, get_preset, list_presets
 from gear_lab.errors import CacheError, ConfigError
 
 CacheSpec = CompressionConfig | str | Callable[[torch.nn.Module], Cache]

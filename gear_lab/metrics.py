@@ -25,7 +25,7 @@ import torch
 from gear_lab.errors import ConfigError
 
 if TYPE_CHECKING:
-    from gear_lab.compress import CompressionConfig, TensorCompression
+    from gear_lab.compression import CompressionConfig, TensorCompression
 
 __all__ = [
     "AttentionReference",
@@ -319,7 +319,7 @@ def quantization_residual(
     :class:`CompressionConfig`) is applied with ``rank=0``, so D is its quantized backbone and S
     its kept outliers. Returns a tensor like ``x`` (its singular values are the residual spectrum).
     """
-    from gear_lab.compress import CompressionConfig, compress
+    from gear_lab.compression import CompressionConfig, compress
 
     _check_float("x", x, ndim=4)
     tc = config.for_kind(kind) if isinstance(config, CompressionConfig) else config

@@ -2,7 +2,7 @@
 
 Every function takes plain arrays (numpy, or torch tensors on any device) or a tidy
 ``pandas.DataFrame`` and returns a ``plotly.graph_objects.Figure``; nothing here computes a
-compression or a metric (that is ``gear_lab.compress`` / ``gear_lab.metrics``), so the app and the
+compression or a metric (that is ``gear_lab.compression`` / ``gear_lab.metrics``), so the app and the
 notebooks draw the same pictures of the same numbers. Tensors shown as heatmaps are one head's
 ``[seq, head_dim]`` slice (tokens x channels) of a ``[batch, kv_heads, seq, head_dim]`` cache.
 """

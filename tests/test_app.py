@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from gear_lab import metrics
 from gear_lab.cli import main
 from gear_lab.cli.app import DUMP_ENV, streamlit_command, studio_script
-from gear_lab.compress import compress, get_preset
+from gear_lab.compression import compress, get_preset
 from gear_lab.dump import open_dump
 from gear_lab.errors import DumpError
 
@@ -167,7 +167,7 @@ def test_outliers_name_the_largest_channels(app, smol_dump: Path) -> None:
 
 
 def test_sweeps_table_matches_the_library(app, smol_dump: Path) -> None:
-    from gear_lab.sweep import sweep
+    from gear_lab.sweeps import sweep
 
     at = app("sweeps")
     at.multiselect(key="sweeps-values-rank").set_value([0, 4])

@@ -10,7 +10,7 @@ from transformers import DynamicCache, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from gear_lab.cache import GearCache
-from gear_lab.compress import get_preset
+from gear_lab.compression import get_preset
 from gear_lab.errors import CacheError, ConfigError
 
 HEADS, DIM = 2, 8

@@ -8,7 +8,7 @@ import pytest
 
 import gear_lab.models
 from gear_lab.cli import main
-from gear_lab.compress import get_preset
+from gear_lab.compression import get_preset
 from gear_lab.fidelity import check_generation
 
 

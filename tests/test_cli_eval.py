@@ -9,7 +9,7 @@ import pytest
 
 from gear_lab import metrics, open_dump
 from gear_lab.cli import main
-from gear_lab.compress import compress, get_preset
+from gear_lab.compression import compress, get_preset
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gear_lab import capture_dump, check_generation, load_model, open_dump, sweep
-from gear_lab.compress import compress, get_preset, list_presets
+from gear_lab.compression import compress, get_preset, list_presets
 from gear_lab.metrics import attention_error, reconstruction
 
 pytestmark = [

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from gear_lab.cache import GearCache
-from gear_lab.compress import get_preset
+from gear_lab.compression import get_preset
 from gear_lab.errors import ConfigError
 from gear_lab.fidelity import (
     check_generation,

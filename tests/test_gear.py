@@ -1,4 +1,4 @@
-"""GEAR composition, the Compressed container and block-wise streaming (gear_lab.compress.gear)."""
+"""GEAR composition, the Compressed container and block-wise streaming (gear_lab.compression.gear)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from compress_helpers import PROPERTY, make_tensor, tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gear_lab.compress import (
+from gear_lab.compression import (
     CompressionConfig,
     TensorCompression,
     compress,

@@ -1,4 +1,4 @@
-"""The fused Triton GEAR kernels against the torch reference (gear_lab.compress).
+"""The fused Triton GEAR kernels against the torch reference (gear_lab.compression).
 
 Without CUDA the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
 ``conftest.py`` before Triton is first imported), on small shapes. With CUDA they run compiled on the GPU.
@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gear_lab.compress import CompressionConfig, TensorCompression, compress, get_preset
+from gear_lab.compression import CompressionConfig, TensorCompression, compress, get_preset
 from gear_lab.errors import ConfigError, KernelUnavailableError, TensorError
 from gear_lab.kernels import compress_fused, decompress_fused, fused_unavailable_reason
 

@@ -1,4 +1,4 @@
-"""Low-rank residual factors (gear_lab.compress.lowrank): exact SVD and seeded power iteration."""
+"""Low-rank residual factors (gear_lab.compression.lowrank): exact SVD and seeded power iteration."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from compress_helpers import PROPERTY, make_tensor
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gear_lab.compress import (
+from gear_lab.compression import (
     TensorCompression,
     compress,
     compress_ranks,

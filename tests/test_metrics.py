@@ -290,7 +290,7 @@ def test_outlier_stats_constant_and_spike():
 
 
 def test_quantization_residual_is_what_the_svd_low_rank_fits():
-    from gear_lab.compress import TensorCompression, compress
+    from gear_lab.compression import TensorCompression, compress
 
     x = _tensor(0, 1, 2, 64, 16)
     x[..., 3] *= 12  # an outlier channel

@@ -1,4 +1,4 @@
-"""Exact-fraction sparse outliers (gear_lab.compress.outliers) and their use in compress()."""
+"""Exact-fraction sparse outliers (gear_lab.compression.outliers) and their use in compress()."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from compress_helpers import PROPERTY, make_tensor, tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gear_lab.compress import (
+from gear_lab.compression import (
     TensorCompression,
     compress,
     extract_outliers,

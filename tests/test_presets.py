@@ -1,4 +1,4 @@
-"""Configs, presets and the shared CLI flags (gear_lab.compress.presets, gear_lab.cli._method_args)."""
+"""Configs, presets and the shared CLI flags (gear_lab.compression.presets, gear_lab.cli._method_args)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
-from gear_lab.compress import CompressionConfig, TensorCompression, get_preset, list_presets
+from gear_lab.compression import CompressionConfig, TensorCompression, get_preset, list_presets
 from gear_lab.errors import ConfigError
 
 PRESETS = ["gear", "gear-l", "gear-kcvt", "kcvt", "kivi", "outlier-quant", "quant", "fp8", "none"]

@@ -1,4 +1,4 @@
-"""Uniform asymmetric grouped quantization and bit packing (gear_lab.compress.quantize)."""
+"""Uniform asymmetric grouped quantization and bit packing (gear_lab.compression.quantize)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from compress_helpers import PROPERTY, make_tensor, tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gear_lab.compress import pack_codes, quantize, quantize_reconstruct, unpack_codes
+from gear_lab.compression import pack_codes, quantize, quantize_reconstruct, unpack_codes
 from gear_lab.errors import TensorError
 
 

@@ -1,4 +1,4 @@
-"""Hadamard rotation of head_dim and the FP8 round trip (gear_lab.compress.rotation / fp8)."""
+"""Hadamard rotation of head_dim and the FP8 round trip (gear_lab.compression.rotation / fp8)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from compress_helpers import PROPERTY, make_tensor, tensors
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gear_lab.compress import (
+from gear_lab.compression import (
     compress,
     fp8_quantize,
     get_preset,
@@ -16,7 +16,7 @@ from gear_lab.compress import (
     rotate,
     unrotate,
 )
-from gear_lab.compress.quantize import from_groups, to_groups
+from gear_lab.compression.quantize import from_groups, to_groups
 from gear_lab.errors import ConfigError
 
 

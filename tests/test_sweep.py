@@ -1,21 +1,17 @@
-"""gear_lab.sweep on the real SmolLM2 dump: row layout, measured sizes, shared work, bad input."""
+"""gear_lab.sweeps on the real SmolLM2 dump: row layout, measured sizes, shared work, bad input."""
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gear_lab.sweeps as sweep_module
 from gear_lab import metrics, open_dump
-from gear_lab.compress import compress, get_preset
+from gear_lab.compression import compress, get_preset
 from gear_lab.errors import ConfigError
-from gear_lab.sweep import ATTENTION_COLUMNS, expand_grid, parse_grid, sweep
-
-# the module itself (``gear_lab.sweep`` as an attribute is the function)
-sweep_module = importlib.import_module("gear_lab.sweep")
+from gear_lab.sweeps import ATTENTION_COLUMNS, expand_grid, parse_grid, sweep
 
 
 def test_rows_columns_and_measured_sizes(smol_dump):

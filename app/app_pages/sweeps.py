@@ -13,9 +13,9 @@ import state
 import streamlit as st
 
 from gear_lab import plots
-from gear_lab.compress import CompressionConfig, get_preset, list_presets
+from gear_lab.compression import CompressionConfig, get_preset, list_presets
 from gear_lab.errors import GearLabError
-from gear_lab.sweep import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS
+from gear_lab.sweeps import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS
 
 STUDIES = {
     "rank": ("error vs rank", list(range(0, state.MAX_RANK + 1)), [0, 1, 2, 4, 8, 16]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gear_lab.compress.presets import (
+from gear_lab.compression.presets import (
     AXES,
     FP8_SCALES,
     LOWRANK_METHODS,
@@ -79,7 +79,7 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CompressionConfig:
     """The :class:`CompressionConfig` of ``--method`` with every given flag as an override
-    (:func:`gear_lab.compress.get_preset`); bad values raise :class:`ConfigError`."""
+    (:func:`gear_lab.compression.get_preset`); bad values raise :class:`ConfigError`."""
     names = ["block_size", "prefill_rank"]
     names += [p + f for f in _TENSOR_FLAGS for p in ("", "key_", "value_")]
     overrides = {}

@@ -12,7 +12,7 @@ import json
 import textwrap
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
-from gear_lab.compress import CompressionConfig
+from gear_lab.compression import CompressionConfig
 from gear_lab.errors import ConfigError
 
 

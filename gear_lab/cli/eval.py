@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print; library errors propagate to the CLI's one-line handler."""
     import torch
 
-    from gear_lab.sweep import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS, sweep
+    from gear_lab.sweeps import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS, sweep
 
     config = config_from_args(args)
     df = sweep(

@@ -1,6 +1,6 @@
 """``gear-lab sweep DUMP --grid ... --out FILE``: a grid of methods over a dump -> CSV / Parquet.
 
-Grid grammar (see :func:`gear_lab.sweep.parse_grid`): ``NAME=V1,V2,...`` entries joined by
+Grid grammar (see :func:`gear_lab.sweeps.parse_grid`): ``NAME=V1,V2,...`` entries joined by
 ``;``, where NAME is ``method`` or a preset override (``bits``, ``group-size``, ``rank``,
 ``outliers``, ``key-bits``, ``block-size``, ...); values are integers, floats, ``none``,
 ``true``/``false`` or words. Every combination is one config, e.g.
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     """Parse the grid, run the sweep with a progress bar, write the table."""
     import torch
 
-    from gear_lab.sweep import parse_grid, sweep
+    from gear_lab.sweeps import parse_grid, sweep
 
     check_out(args.out, args.overwrite)
     grid = parse_grid(args.grid)

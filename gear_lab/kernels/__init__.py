@@ -1,5 +1,5 @@
 """Fused Triton kernels (optional extra ``gear-lab[kernels]``) for block-wise GEAR
-compression and decompression; the torch implementation in :mod:`gear_lab.compress` is the
+compression and decompression; the torch implementation in :mod:`gear_lab.compression` is the
 reference. See :mod:`gear_lab.kernels.fused` for what is covered."""
 
 from gear_lab.kernels.fused import compress_fused, decompress_fused, fused_unavailable_reason

@@ -1,6 +1,6 @@
 """Dispatch to the fused Triton GEAR kernels (:mod:`gear_lab.kernels.gear_triton`), with the
-torch implementation (:func:`gear_lab.compress.compress`) as the reference they are tested
-against. Results are ordinary :class:`gear_lab.compress.Compressed` objects, in the library's
+torch implementation (:func:`gear_lab.compression.compress`) as the reference they are tested
+against. Results are ordinary :class:`gear_lab.compression.Compressed` objects, in the library's
 packed format, so everything downstream (sizes, metrics, ``decompress()``) works unchanged.
 
 Covered: block-wise compression (``CompressionConfig.block_size`` = n_b, a power of two in
@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from gear_lab.compress import (
+from gear_lab.compression import (
     Compressed,
     CompressionConfig,
     LowRank,
@@ -31,7 +31,7 @@ from gear_lab.compress import (
     index_dtype,
     outlier_count,
 )
-from gear_lab.compress.lowrank import gaussian_start
+from gear_lab.compression.lowrank import gaussian_start
 from gear_lab.errors import ConfigError, KernelUnavailableError, TensorError
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,7 +61,7 @@ def _require_device(device: torch.device) -> None:
 
 
 def _group(tc: TensorCompression, block: int, dim: int) -> int:
-    """Group size inside one ``[block, dim]`` block (as :func:`gear_lab.compress.quantize`)."""
+    """Group size inside one ``[block, dim]`` block (as :func:`gear_lab.compression.quantize`)."""
     n = block if tc.axis == "channel" else dim
     size = n if tc.group_size is None else min(tc.group_size, n)
     if n % size or size & (size - 1):
@@ -108,7 +108,7 @@ def _precisions(device: torch.device) -> tuple[str, str]:
 
 
 def compress_fused(x: Tensor, config: CompressionConfig, kind: str = "keys") -> Compressed:
-    """:func:`gear_lab.compress.compress` of ``x`` ``[batch, kv_heads, seq, head_dim]`` with the
+    """:func:`gear_lab.compression.compress` of ``x`` ``[batch, kv_heads, seq, head_dim]`` with the
     fused kernel: same packed format, same settings; agrees with the torch reference up to
     float rounding (TF32 in the low-rank fit on GPUs) and the order of tied outliers."""
     if not isinstance(config, CompressionConfig):

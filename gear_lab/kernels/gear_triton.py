@@ -7,7 +7,7 @@ min/max quantization with outlier positions excluded from the statistics and fp1
 rounded outwards, bit packing, the residual ``X - D`` (zero at outliers), seeded power
 (subspace) iteration with Gram-Schmidt re-orthonormalisation after every product, stored as
 ``left = Q`` (orthonormal) and ``right = Q^T R`` like the torch reference. Its outputs are bit-for-bit the layout of
-:mod:`gear_lab.compress` (codes packed row-major, little-endian within a byte).
+:mod:`gear_lab.compression` (codes packed row-major, little-endian within a byte).
 
 Decompression (:func:`gear_decompress_kernel`) unpacks, dequantizes, adds ``left @ right``
 and writes the outliers back, again one program per block.

@@ -2,7 +2,7 @@
 return one tidy :class:`pandas.DataFrame` of measured sizes and errors.
 
 Work is shared where results allow: configs of one kind that differ only in ``rank`` share one
-compression through :func:`gear_lab.compress.compress_ranks` (one SVD per matrix for every rank,
+compression through :func:`gear_lab.compression.compress_ranks` (one SVD per matrix for every rank,
 the GEAR error-vs-rank study of Kang et al. 2024), and the exact attention of each
 (sample, layer) is computed once (:func:`gear_lab.metrics.attention_reference`).
 """
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gear_lab import metrics
 from gear_lab.capture import parse_layers
-from gear_lab.compress import (
+from gear_lab.compression import (
     Compressed,
     CompressionConfig,
     TensorCompression,
@@ -50,7 +50,7 @@ def expand_grid(grid: Mapping[str, Any]) -> list[CompressionConfig]:
     """The Cartesian product of a grid of preset overrides, one config per combination.
 
     ``grid`` maps ``"method"`` to preset names (default ``["gear"]``) and any other key to the
-    values of a :func:`gear_lab.compress.get_preset` override (``bits``, ``group_size``, ``rank``,
+    values of a :func:`gear_lab.compression.get_preset` override (``bits``, ``group_size``, ``rank``,
     ``outliers``, ``key_bits``, ``block_size``, ...); a scalar counts as a one-value list.
     Example: ``{"method": ["gear"], "bits": [2, 4], "rank": [0, 2]}`` -> four configs named
     ``gear[bits=2,rank=0]`` ... ``gear[bits=4,rank=2]``.
@@ -90,7 +90,7 @@ def _grid_value(text: str) -> Any:
 def parse_grid(text: str) -> dict[str, list[Any]]:
     """Parse the grid grammar ``NAME=V1,V2,...;NAME=...`` into a mapping for :func:`expand_grid`.
 
-    NAME is ``method`` or a :func:`gear_lab.compress.get_preset` override (``-`` may stand for
+    NAME is ``method`` or a :func:`gear_lab.compression.get_preset` override (``-`` may stand for
     ``_``: ``group-size``); ``method`` takes preset names, every other value is an integer, a
     float, ``none``, ``true``/``false`` or a word (an axis, ``svd``, ...). Example: ``"method=gear,gear-l;bits=2,4;rank=0,2,4"``.
     """

@@ -1,7 +1,7 @@
 """FP8 (e4m3 / e5m2) round trip, a baseline for the quantized backbone.
 
 Tensors are ``[..., seq, head_dim]``; each group (same grouping as
-:func:`gear_lab.compress.quantize.quantize`), or each whole ``[seq, head_dim]`` matrix
+:func:`gear_lab.compression.quantize.quantize`), or each whole ``[seq, head_dim]`` matrix
 (``per_tensor``), gets a float16 scale ``absmax / fp8_max``, and each entry one byte, stored
 as the uint8 view of ``torch.float8_*``.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from gear_lab.compress.quantize import (
+from gear_lab.compression.quantize import (
     compute_dtype,
     from_groups,
     group_dim,

@@ -20,18 +20,18 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from gear_lab.compress.fp8 import Fp8Tensor, fp8_quantize
-from gear_lab.compress.lowrank import LowRank, power_lowrank, svd_lowrank
-from gear_lab.compress.outliers import Outliers, extract_outliers, outlier_count
-from gear_lab.compress.presets import CompressionConfig, TensorCompression
-from gear_lab.compress.quantize import (
+from gear_lab.compression.fp8 import Fp8Tensor, fp8_quantize
+from gear_lab.compression.lowrank import LowRank, power_lowrank, svd_lowrank
+from gear_lab.compression.outliers import Outliers, extract_outliers, outlier_count
+from gear_lab.compression.presets import CompressionConfig, TensorCompression
+from gear_lab.compression.quantize import (
     Quantized,
     compute_dtype,
     group_dim,
     quantize,
     quantize_reconstruct,
 )
-from gear_lab.compress.rotation import rotate, unrotate
+from gear_lab.compression.rotation import rotate, unrotate
 from gear_lab.errors import ConfigError, TensorError
 
 # tensors() name -> bytes_by_part() part

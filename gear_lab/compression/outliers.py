@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gear_lab.compress.quantize import group_dim
+from gear_lab.compression.quantize import group_dim
 
 
 def outlier_count(fraction: float, length: int) -> int:

@@ -4,7 +4,7 @@ neighbours KIVI, KCVT, FP8).
 
 Every config is a frozen dataclass validated on construction (:class:`ConfigError`) and
 round-trips through ``to_dict()`` / ``from_dict()`` and JSON. Shape-dependent checks (a rank
-larger than ``min(seq, head_dim)``) happen in :func:`gear_lab.compress.compress`.
+larger than ``min(seq, head_dim)``) happen in :func:`gear_lab.compression.compress`.
 """
 
 from __future__ import annotations

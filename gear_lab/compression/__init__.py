@@ -3,24 +3,24 @@ neighbours (KIVI, KCVT, FP8), one building block per module, composed in :mod:`.
 named in :mod:`.presets`. Tensors are ``[batch, kv_heads, seq, head_dim]``.
 """
 
-from gear_lab.compress.fp8 import Fp8Tensor, fp8_quantize
-from gear_lab.compress.gear import Compressed, compress, compress_ranks
-from gear_lab.compress.lowrank import LowRank, power_lowrank, svd_lowrank
-from gear_lab.compress.outliers import Outliers, extract_outliers, index_dtype, outlier_count
-from gear_lab.compress.presets import (
+from gear_lab.compression.fp8 import Fp8Tensor, fp8_quantize
+from gear_lab.compression.gear import Compressed, compress, compress_ranks
+from gear_lab.compression.lowrank import LowRank, power_lowrank, svd_lowrank
+from gear_lab.compression.outliers import Outliers, extract_outliers, index_dtype, outlier_count
+from gear_lab.compression.presets import (
     CompressionConfig,
     TensorCompression,
     get_preset,
     list_presets,
 )
-from gear_lab.compress.quantize import (
+from gear_lab.compression.quantize import (
     Quantized,
     pack_codes,
     quantize,
     quantize_reconstruct,
     unpack_codes,
 )
-from gear_lab.compress.rotation import hadamard_rotation, rotate, unrotate
+from gear_lab.compression.rotation import hadamard_rotation, rotate, unrotate
 
 __all__ = [
     "Compressed",
