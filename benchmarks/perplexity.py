@@ -3,7 +3,7 @@
 Protocol (the notes'): windows of CPython's pydoc topics text on SmolLM2-135M-Instruct (float32);
 prefill 512 tokens into a fresh cache, which compresses the whole prefill (8 blocks of n_b = 64,
 each once, GEAR streaming, Kang et al. 2024; one 512-token block where a row says so), teacher-force the next 128 tokens through it and
-compare their next-token predictions with a full-precision forward: perplexity, per-token
+compare their next-token predictions with the same run through a full-precision DynamicCache: perplexity, per-token
 ``KL(full || compressed)`` and top-1 agreement. Windows are consecutive from the corpus start
 (:func:`gear_lab.fidelity.window_starts`), which reproduces the notes' full-precision perplexity. ``bits`` is measured right after prefill from the
 tensors each cache keeps (``8 * bytes / cached K/V entries``); GearCache rows compress K/V as

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _MARGIN = {"l": 50, "r": 20, "t": 50, "b": 40}
+_LEGEND_BELOW = {"orientation": "h", "y": -0.25}
 
 
 def _np(x: Any) -> np.ndarray:
@@ -165,7 +166,7 @@ def fig_profile(
         yaxis_type="log" if log_y else "linear",
         height=320,
         margin=_MARGIN,
-        legend={"orientation": "h", "y": -0.25},
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -189,7 +190,7 @@ def fig_spectrum(spectra: Mapping[str, Any], *, rank: int | None = None) -> go.F
         yaxis_type="log",
         height=360,
         margin=_MARGIN,
-        legend={"orientation": "h", "y": -0.25},
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -216,7 +217,7 @@ def fig_energy(
         yaxis_range=[0, 1.02],
         height=360,
         margin=_MARGIN,
-        legend={"orientation": "h", "y": -0.25},
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -280,7 +281,7 @@ def fig_magnitude_histogram(values: Mapping[str, Any], *, bins: int = 80) -> go.
         yaxis_type="log",
         height=340,
         margin=_MARGIN,
-        legend={"orientation": "h", "y": -0.25},
+        legend=_LEGEND_BELOW,
     )
     return fig
 
@@ -340,7 +341,7 @@ def fig_error_lines(
         yaxis_type="log" if log_y else "linear",
         height=360,
         margin=_MARGIN,
-        legend={"orientation": "h", "y": -0.25},
+        legend=_LEGEND_BELOW,
     )
     return fig
 

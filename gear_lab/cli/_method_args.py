@@ -88,3 +88,31 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         if value is not None:
             overrides[name] = None if value == "none" else value
     return get_preset(args.method, **overrides)
+
+
+def add_dump_work_args(parser: argparse.ArgumentParser) -> None:
+    """Flags choosing what of a dump to compress, and where: ``--layers``, ``--kinds``,
+    ``--device``, ``--dtype`` (read back by :func:`dump_work_from_args`)."""
+    parser.add_argument("--layers", help="layers, e.g. 0,5,10-12 (default: all in the dump)")
+    parser.add_argument(
+        "--kinds", default="keys,values", help="comma-separated kinds (default: keys,values)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for the work (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="compress K/V in this dtype, as a cache would hold them (default: as stored)",
+    )
+
+
+def dump_work_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``layers``, ``kinds``, ``device`` and ``dtype`` keyword arguments of
+    :func:`gear_lab.sweeps.sweep` from :func:`add_dump_work_args` flags."""
+    import torch
+
+    return {
+        "layers": args.layers,
+        "kinds": [k.strip() for k in args.kinds.split(",") if k.strip()],
+        "device": args.device,
+        "dtype": None if args.dtype is None else getattr(torch, args.dtype),
+    }

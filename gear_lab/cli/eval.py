@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from gear_lab.cli._method_args import add_method_args, config_from_args
+from gear_lab.cli._method_args import (
+    add_dump_work_args,
+    add_method_args,
+    config_from_args,
+    dump_work_from_args,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,17 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("dump", metavar="DUMP", help="a dump written by gear-capture")
     add_method_args(parser)
-    parser.add_argument("--layers", help="layers, e.g. 0,5,10-12 (default: all in the dump)")
+    add_dump_work_args(parser)
     parser.add_argument("--sample", type=int, default=0, help="sample index (default: 0)")
-    parser.add_argument(
-        "--kinds", default="keys,values", help="comma-separated kinds (default: keys,values)"
-    )
-    parser.add_argument("--device", default="cpu", help="torch device for the work (default: cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        help="compress K/V in this dtype, as a cache would hold them (default: as stored)",
-    )
     parser.add_argument(
         "--json", action="store_true", help="print a JSON list of records (NaN and inf as null)"
     )
@@ -44,20 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print; library errors propagate to the CLI's one-line handler."""
-    import torch
-
     from gear_lab.sweeps import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS, sweep
 
     config = config_from_args(args)
     df = sweep(
         args.dump,
         [config],
-        layers=args.layers,
-        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
         samples=(args.sample,),
         per_head=False,
-        device=args.device,
-        dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        **dump_work_from_args(args),
     )
     if args.json:
         print(df.to_json(orient="records"))

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gear_lab.cli._method_args import add_dump_work_args, dump_work_from_args
 from gear_lab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,20 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output table, .csv or .parquet (written atomically)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--layers", help="layers, e.g. 0,5,10-12 (default: all in the dump)")
+    add_dump_work_args(parser)
     parser.add_argument("--samples", default="0", help="sample indices, e.g. 0,1 (default: 0)")
     parser.add_argument("--heads", help="KV-head indices, e.g. 0,2 (default: all)")
     parser.add_argument(
-        "--kinds", default="keys,values", help="comma-separated kinds (default: keys,values)"
-    )
-    parser.add_argument(
         "--no-attention", action="store_true", help="skip the attention metrics (faster)"
-    )
-    parser.add_argument("--device", default="cpu", help="torch device for the work (default: cpu)")
-    parser.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        help="compress K/V in this dtype, as a cache would hold them (default: as stored)",
     )
     parser.set_defaults(func=run)
 
@@ -100,8 +92,6 @@ def write_table(df: pd.DataFrame, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Parse the grid, run the sweep with a progress bar, write the table."""
-    import torch
-
     from gear_lab.sweeps import parse_grid, sweep
 
     check_out(args.out, args.overwrite)
@@ -113,13 +103,10 @@ def run(args: argparse.Namespace) -> int:
     df = sweep(
         args.dump,
         grid,
-        layers=args.layers,
-        kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
         samples=_ints("samples", args.samples),
         heads=_ints("heads", args.heads),
         attention=not args.no_attention,
-        device=args.device,
-        dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        **dump_work_from_args(args),
     )
     write_table(df, args.out)
     configs = df["config_index"].nunique()
