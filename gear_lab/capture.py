@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gear_lab.errors import CaptureError, ConfigError
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after each captured layer of each sample."""
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -190,10 +193,13 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
 
 @contextmanager
 def _hooks(
-    modules: dict[int, nn.Module], with_queries: bool, pre_rope_keys: bool, bar: tqdm
+    modules: dict[int, nn.Module],
+    with_queries: bool,
+    pre_rope_keys: bool,
+    advance: Callable[[], None],
 ) -> Iterator[dict[int, dict[str, Any]]]:
     """Record per layer the pre-RoPE q / k (``[b, heads, seq, d]``) and the rotary cos / sin;
-    advance ``bar`` as each attention module finishes."""
+    call ``advance()`` as each attention module finishes."""
     seen: dict[int, dict[str, Any]] = {i: {} for i in modules}
     handles = []
 
@@ -206,7 +212,7 @@ def _hooks(
         return hook
 
     def tick(*_: Any) -> None:  # returns None: a forward hook's return value replaces the output
-        bar.update(1)
+        advance()
 
     def keep_rope(layer: int):
         def hook(_mod: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
@@ -247,15 +253,16 @@ def capture_samples(
     layers: str | Sequence[int] | None = None,
     with_queries: bool = False,
     pre_rope_keys: bool = False,
-    progress: bool = True,
+    progress: bool | ProgressCallback = True,
 ) -> Iterator[CapturedSample]:
     """Run one forward pass per text (truncated to ``max_tokens`` tokens) and yield its tensors.
 
     ``layers``: ``None`` (all), a spec like ``"0,5,10-12"`` or indices. Keys / values are the
     model's cache tensors ``[kv_heads, seq, head_dim]``; ``with_queries`` adds post-RoPE queries
     ``[heads, seq, head_dim]``; ``pre_rope_keys`` adds keys before the rotary embedding.
-    A truncated sample's ``text`` is the decoded text of the tokens kept. A tqdm bar counts
-    samples x layers, advancing as each attention layer runs.
+    A truncated sample's ``text`` is the decoded text of the tokens kept. Progress counts
+    samples x layers, advancing as each attention layer runs: a tqdm bar when ``progress`` is
+    true, or ``progress(done, total)`` calls when it is a callable (e.g. an app's progress bar).
     """
     from transformers import DynamicCache
 
@@ -267,7 +274,18 @@ def capture_samples(
     picked = parse_layers(layers, len(modules))
     chosen = {i: modules[i] for i in picked}
     device = next(model.parameters()).device
-    bar = tqdm(total=len(texts) * len(picked), desc="capture", unit="layer", disable=not progress)
+    total = len(texts) * len(picked)
+    callback = progress if callable(progress) else None
+    bar = tqdm(total=total, desc="capture", unit="layer", disable=not progress or bool(callback))
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        bar.update(1)
+        if callback is not None:
+            callback(done, total)
+
     try:
         for text in texts:
             ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -277,7 +295,10 @@ def capture_samples(
                 ids = ids[:max_tokens]
                 text = tokenizer.decode(ids, skip_special_tokens=True)
             cache = DynamicCache()  # no config: sliding-window layers keep every token
-            with _hooks(chosen, with_queries, pre_rope_keys, bar) as seen, torch.inference_mode():
+            with (
+                _hooks(chosen, with_queries, pre_rope_keys, advance) as seen,
+                torch.inference_mode(),
+            ):
                 model(input_ids=ids[None].to(device), cache=cache, use_cache=True, logits_to_keep=1)
             out: dict[int, dict[str, torch.Tensor]] = {}
             for i, attn in chosen.items():

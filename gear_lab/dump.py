@@ -33,6 +33,7 @@ import torch
 from gear_lab.capture import (
     KINDS,
     CapturedSample,
+    ProgressCallback,
     attention_modules,
     capture_samples,
     corpus_texts,
@@ -213,7 +214,7 @@ def capture_dump(
     device: str = "auto",
     dtype: str | torch.dtype = "float32",
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | ProgressCallback = True,
     loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> Path:
     """Capture K/V (and optionally queries, pre-RoPE keys) of ``model`` into a new dump at ``out``.
@@ -221,7 +222,8 @@ def capture_dump(
     Text comes from ``prompts`` (each used whole, up to ``max_tokens`` tokens) or ``corpus``
     (``samples`` windows of ``max_tokens`` tokens; ``"pydoc"`` is the default when neither is
     given). ``loaded=(model, tokenizer)`` reuses an already loaded model (``model``, ``device`` and
-    ``dtype`` are then ignored). Returns the path of the dump.
+    ``dtype`` are then ignored). ``progress``: a tqdm bar, or a ``progress(done, total)`` callable
+    (see :func:`gear_lab.capture.capture_samples`). Returns the path of the dump.
     """
     if prompts is not None and corpus is not None:
         raise ConfigError("give prompts or a corpus, not both")

@@ -141,6 +141,23 @@ def test_progress_bar_does_not_change_the_tensors(smol):
             assert torch.equal(quiet.layers[layer][kind], shown.layers[layer][kind])
 
 
+def test_progress_callback_counts_every_layer_of_every_sample(smol):
+    model, tokenizer = smol
+    calls: list[tuple[int, int]] = []
+    samples = list(
+        capture_samples(
+            model,
+            tokenizer,
+            [PROMPT, PROMPT[:20]],
+            12,
+            layers="0,5,7",
+            progress=lambda done, total: calls.append((done, total)),
+        )
+    )
+    assert len(samples) == 2
+    assert calls == [(i, 6) for i in range(1, 7)]
+
+
 def test_llama_layer_infos(smol):
     model, _ = smol
     infos = layer_infos(model)

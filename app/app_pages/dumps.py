@@ -121,7 +121,7 @@ if submitted:
         with st.status(f"capturing {out} ...", expanded=True) as status:
             st.write("loading the model (cached after the first time)")
             loaded = state.model()
-            st.write(f"running {samples} sample(s) of {max_tokens} tokens through the model")
+            bar = st.progress(0.0, text="capturing layers")
             path = capture_dump(
                 out,
                 corpus="pydoc",
@@ -130,6 +130,9 @@ if submitted:
                 with_queries=with_queries,
                 pre_rope_keys=pre_rope,
                 overwrite=overwrite,
+                progress=lambda done, total: bar.progress(
+                    done / total, text=f"captured {done} of {total} layer passes"
+                ),
                 loaded=loaded,
             )
             status.update(label=f"captured {path}", state="complete")
