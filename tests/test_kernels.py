@@ -131,6 +131,7 @@ def test_decompress_fused_equals_decompress():
         ({"lowrank": "svd", "rank": 2}, "power iteration"),
         ({"rank": 33, "block_size": 64}, "rank <="),
         ({"group_size": 12}, "group size"),
+        ({"factor_dtype": "float8_e4m3"}, "float16 factors"),
     ],
 )
 def test_unsupported_settings_raise_config_error(overrides, message):

@@ -27,6 +27,7 @@ tensor_configs = st.builds(
     lowrank=st.sampled_from(("power", "svd")),
     loops=st.integers(1, 9),
     seed=st.integers(0, 2**40),
+    factor_dtype=st.sampled_from(("float16", "bfloat16", "float8_e4m3")),
 )
 
 
@@ -92,6 +93,8 @@ def test_every_preset_is_listed_valid_and_round_trips():
         {"rotate": True, "bits": None},  # nothing to rotate for
         {"fp8_scale": "tensor"},  # not an fp8 method
         {"fp8_scale": "row", "fp8": "e4m3", "bits": None},
+        {"factor_dtype": "float8"},
+        {"factor_dtype": "float32"},
     ],
 )
 def test_bad_tensor_configs_raise(fields):
@@ -203,6 +206,15 @@ def test_cli_flags_become_preset_overrides():
     assert config_from_args(parse([])) == get_preset("gear")
     assert config_from_args(parse(["--method", "kivi", "--no-rotate"])).keys.rotate is False
     assert config_from_args(parse(["--key-outlier-axis", "channel"])).keys.outlier_axis == "channel"
+    factors = config_from_args(
+        parse(["--factor-dtype", "bfloat16", "--key-factor-dtype", "float8_e4m3"])
+    )
+    assert (factors.keys.factor_dtype, factors.values.factor_dtype) == ("float8_e4m3", "bfloat16")
+    assert factors == get_preset(
+        "gear", factor_dtype="bfloat16", key_factor_dtype="float8_e4m3", name=factors.name
+    )
+    with pytest.raises(ConfigError, match="factor_dtype"):
+        get_preset("gear", value_factor_dtype="int8")
     fp8 = config_from_args(parse(["--method", "fp8", "--value-fp8-scale", "tensor"]))
     assert (fp8.keys.fp8_scale, fp8.values.fp8_scale) == ("group", "tensor")
 

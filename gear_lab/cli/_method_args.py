@@ -11,6 +11,7 @@ from typing import Any
 
 from gear_lab.compression.presets import (
     AXES,
+    FACTOR_DTYPES,
     FP8_SCALES,
     LOWRANK_METHODS,
     OUTLIER_MODES,
@@ -45,6 +46,10 @@ _TENSOR_FLAGS: dict[str, dict[str, Any]] = {
     "fp8_scale": {
         "choices": FP8_SCALES,
         "help": "fp8 scale per group or per [seq, head_dim] matrix",
+    },
+    "factor_dtype": {
+        "choices": FACTOR_DTYPES,
+        "help": "storage dtype of the kept low-rank factors",
     },
     "rotate": {
         "action": argparse.BooleanOptionalAction,

@@ -43,6 +43,8 @@ _PARTS = {
     "outlier_indices": "outliers",
     "lowrank_left": "lowrank",
     "lowrank_right": "lowrank",
+    "lowrank_left_scale": "lowrank",
+    "lowrank_right_scale": "lowrank",
     "full_precision": "full_precision",
 }
 PARTS = ("codes", "scales", "outliers", "lowrank", "full_precision")
@@ -212,10 +214,13 @@ def _compress_body(
         if ignore is not None:
             residual.masked_fill_(ignore, 0.0)
         if tc.lowrank == "svd":
-            full = svd_lowrank(residual, max(ranks))
+            full = svd_lowrank(residual, max(ranks), tc.factor_dtype)
             factors = [full.truncate(r) if r else None for r in ranks]
         else:
-            factors = [power_lowrank(residual, r, tc.loops, tc.seed) if r else None for r in ranks]
+            factors = [
+                power_lowrank(residual, r, tc.loops, tc.seed, tc.factor_dtype) if r else None
+                for r in ranks
+            ]
     return [(base, outliers, f) for f in factors]
 
 

@@ -2,9 +2,10 @@
 matrix, by exact SVD or by seeded randomized power (subspace) iteration.
 
 Inputs are ``[..., seq, head_dim]`` (canonically ``[batch, kv_heads, seq, head_dim]``); every
-leading index is its own matrix. Factors are stored in float16; SVD factors are
-balanced as ``U sqrt(S)`` and ``sqrt(S) V^T`` and ordered by singular value, so truncating
-them gives the best approximation of the smaller rank.
+leading index is its own matrix. The fit runs in the input's dtype; only the kept factors are
+rounded, to the ``factor_dtype`` (float16 by default, bfloat16, or float8_e4m3 with a float16
+scale per rank component). SVD factors are balanced as ``U sqrt(S)`` and ``sqrt(S) V^T`` and
+ordered by singular value, so truncating them gives the best approximation of the smaller rank.
 """
 
 from __future__ import annotations
@@ -14,42 +15,85 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+FACTOR_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3": torch.float8_e4m3fn,
+}
+_FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
 
 @dataclass(frozen=True, eq=False)
 class LowRank:
-    """``left`` ``[..., seq, r]`` and ``right`` ``[..., r, head_dim]``, float16."""
+    """``left`` ``[..., seq, r]`` and ``right`` ``[..., r, head_dim]`` in the factor dtype; for
+    float8 factors ``left_scale`` ``[..., 1, r]`` and ``right_scale`` ``[..., r, 1]`` (float16,
+    one per rank component) multiply them back."""
 
     left: Tensor
     right: Tensor
+    left_scale: Tensor | None = None
+    right_scale: Tensor | None = None
+
+    @classmethod
+    def keep(cls, left: Tensor, right: Tensor, factor_dtype: str = "float16") -> LowRank:
+        """Round fitted factors (any float dtype) to ``factor_dtype`` (a key of
+        :data:`FACTOR_DTYPES`); float8_e4m3 scales each rank component to ``amax / 448``."""
+        dtype = FACTOR_DTYPES[factor_dtype]
+        if dtype != torch.float8_e4m3fn:
+            return cls(left.to(dtype), right.to(dtype))
+        left_q, left_scale = _fp8(left, -2)
+        right_q, right_scale = _fp8(right, -1)
+        return cls(left_q, right_q, left_scale, right_scale)
 
     @property
     def rank(self) -> int:
         return self.left.shape[-1]
 
     def product(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``left @ right`` ``[..., seq, head_dim]`` in ``dtype``."""
-        return self.left.to(dtype) @ self.right.to(dtype)
+        """``left @ right`` ``[..., seq, head_dim]`` in ``dtype`` (float8 factors dequantized)."""
+        left, right = self.left.to(dtype), self.right.to(dtype)
+        if self.left_scale is not None:
+            left = left * self.left_scale.to(dtype)
+            right = right * self.right_scale.to(dtype)
+        return left @ right
 
     def truncate(self, rank: int) -> LowRank:
         """The leading ``rank`` components (the best of that rank for SVD factors)."""
-        return LowRank(self.left[..., :rank], self.right[..., :rank, :])
+        scales = (None, None)
+        if self.left_scale is not None:
+            scales = (self.left_scale[..., :rank], self.right_scale[..., :rank, :])
+        return LowRank(self.left[..., :rank], self.right[..., :rank, :], *scales)
 
     def tensors(self) -> dict[str, Tensor]:
-        """What is stored: ``lowrank_left`` and ``lowrank_right``."""
-        return {"lowrank_left": self.left, "lowrank_right": self.right}
+        """What is stored: ``lowrank_left`` and ``lowrank_right``, plus ``lowrank_left_scale``
+        and ``lowrank_right_scale`` for float8 factors."""
+        kept = {"lowrank_left": self.left, "lowrank_right": self.right}
+        if self.left_scale is not None:
+            kept["lowrank_left_scale"] = self.left_scale
+            kept["lowrank_right_scale"] = self.right_scale
+        return kept
 
 
-def _factors(u: Tensor, s: Tensor, vh: Tensor) -> LowRank:
+def _fp8(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``x`` as float8_e4m3 with a float16 scale ``amax / 448`` along ``dim`` (1 where amax is
+    0); the scale is rounded to float16 first so the stored pair dequantizes consistently."""
+    amax = x.abs().amax(dim=dim, keepdim=True)
+    scale = (amax / _FP8_MAX).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (x / scale.to(x.dtype)).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def _factors(u: Tensor, s: Tensor, vh: Tensor, factor_dtype: str) -> LowRank:
     root = s.clamp_min(0).sqrt()
-    return LowRank(
-        (u * root.unsqueeze(-2)).to(torch.float16), (root.unsqueeze(-1) * vh).to(torch.float16)
-    )
+    return LowRank.keep(u * root.unsqueeze(-2), root.unsqueeze(-1) * vh, factor_dtype)
 
 
-def svd_lowrank(r: Tensor, rank: int) -> LowRank:
-    """Best rank-``rank`` factors of each matrix of ``r`` by exact SVD (``torch.linalg.svd``)."""
+def svd_lowrank(r: Tensor, rank: int, factor_dtype: str = "float16") -> LowRank:
+    """Best rank-``rank`` factors of each matrix of ``r`` by exact SVD (``torch.linalg.svd``),
+    kept in ``factor_dtype``."""
     u, s, vh = torch.linalg.svd(r, full_matrices=False)
-    return _factors(u[..., :rank], s[..., :rank], vh[..., :rank, :])
+    return _factors(u[..., :rank], s[..., :rank], vh[..., :rank, :], factor_dtype)
 
 
 def gaussian_start(cols: int, rank: int, seed: int, device: torch.device, dtype: torch.dtype):
@@ -59,14 +103,17 @@ def gaussian_start(cols: int, rank: int, seed: int, device: torch.device, dtype:
     return torch.randn(cols, rank, generator=generator, dtype=torch.float64).to(device, dtype)
 
 
-def power_lowrank(r: Tensor, rank: int, loops: int = 3, seed: int = 0) -> LowRank:
+def power_lowrank(
+    r: Tensor, rank: int, loops: int = 3, seed: int = 0, factor_dtype: str = "float16"
+) -> LowRank:
     """Rank-``rank`` factors by randomized subspace iteration (Halko et al. 2011): a seeded
     Gaussian start, ``loops`` applications of ``R R^T`` with QR re-orthonormalisation after
     every product; ``left`` is the orthonormal basis ``Q``, ``right`` the projection
-    ``Q^T R`` (components are not ordered: use :func:`svd_lowrank` to truncate)."""
+    ``Q^T R`` (components are not ordered: use :func:`svd_lowrank` to truncate), kept in
+    ``factor_dtype``."""
     q = torch.linalg.qr(r @ gaussian_start(r.shape[-1], rank, seed, r.device, r.dtype)).Q
     rt = r.mT
     for _ in range(loops):
         z = torch.linalg.qr(rt @ q).Q
         q = torch.linalg.qr(r @ z).Q
-    return LowRank(q.to(torch.float16), (q.mT @ r).to(torch.float16))
+    return LowRank.keep(q, q.mT @ r, factor_dtype)

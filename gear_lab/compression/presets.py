@@ -22,6 +22,7 @@ OUTLIER_MODES = ("signed", "magnitude")
 LOWRANK_METHODS = ("power", "svd")
 FP8_FORMATS = ("e4m3", "e5m2")
 FP8_SCALES = ("group", "tensor")
+FACTOR_DTYPES = ("float16", "bfloat16", "float8_e4m3")
 KINDS = ("keys", "values", "keys_pre_rope")
 
 
@@ -49,7 +50,9 @@ class TensorCompression:
         ``svd`` or seeded ``power`` iteration with ``loops`` loops; ``fp8_scale="tensor"`` gives fp8 one
     scale per ``[seq, head_dim]`` matrix instead of one per group. ``rotate`` applies a seeded
         Walsh-Hadamard rotation of head_dim first. ``bits=None``, ``fp8=None``, no outliers and no
-        rank is the identity.
+        rank is the identity. ``factor_dtype`` is how the kept ``L`` factors are stored
+        (``float8_e4m3`` with a float16 scale per rank component); the fit itself runs in the
+        compute dtype.
     """
 
     bits: int | None = 4
@@ -65,6 +68,7 @@ class TensorCompression:
     rotate: bool = False
     fp8: str | None = None
     fp8_scale: str = "group"
+    factor_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -87,6 +91,7 @@ class TensorCompression:
             raise ConfigError(f"rotate must be true or false, got {self.rotate!r}")
         _check_choice("fp8", self.fp8, (None, *FP8_FORMATS))
         _check_choice("fp8_scale", self.fp8_scale, FP8_SCALES)
+        _check_choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         if self.fp8_scale != "group" and self.fp8 is None:
             raise ConfigError("fp8_scale='tensor' applies to fp8 methods only")
         if self.fp8 is not None and self.bits is not None:
@@ -219,7 +224,7 @@ def get_preset(name: str, /, **overrides: Any) -> CompressionConfig:
     """The preset ``name`` with ``overrides`` applied.
 
     An override is a :class:`TensorCompression` field (``bits``, ``group_size``, ``rank``,
-    ``outliers``, ``loops``, ``rotate``, ``lowrank``, ``seed``, ...) applied to keys and values,
+    ``outliers``, ``loops``, ``rotate``, ``lowrank``, ``seed``, ``factor_dtype``, ...) applied to keys and values,
     its ``key_*`` / ``value_*`` variant applied to one of them (after the shared ones), or
     ``block_size`` / ``prefill_rank`` / ``name``. Values are taken literally (``group_size=None``
     means the whole axis). The resulting name lists the overrides, e.g. ``gear[bits=2,rank=2]``.

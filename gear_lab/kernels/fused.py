@@ -7,9 +7,10 @@ Covered: block-wise compression (``CompressionConfig.block_size`` = n_b, a power
 16..256) of ``[batch, kv_heads, seq, head_dim]`` float16 / bfloat16 / float32 tensors, head_dim
 a power of two in 16..256; 1, 2, 4 or 8 bits, per-channel or per-token groups whose size is a
 power of two (or the whole block / head_dim); signed or magnitude outliers along either axis;
-power-iteration low rank up to rank 32. Not covered (``ConfigError``): rotation, FP8, exact SVD,
-3/5/6/7 bits, non-block mode. Without Triton, or without CUDA outside Triton's CPU interpreter
-(``TRITON_INTERPRET=1``), :class:`KernelUnavailableError`.
+power-iteration low rank up to rank 32 with float16 factors. Not covered (``ConfigError``):
+rotation, FP8, exact SVD, other factor dtypes, 3/5/6/7 bits, non-block mode. Without Triton,
+or without CUDA outside Triton's CPU interpreter (``TRITON_INTERPRET=1``),
+:class:`KernelUnavailableError`.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def _check_settings(tc: TensorCompression, block: int | None, dim: int) -> int:
         raise ConfigError("the fused kernel does not cover rotation or fp8")
     if tc.rank > 0 and tc.lowrank != "power":
         raise ConfigError("the fused kernel computes the low rank by power iteration only")
+    if tc.factor_dtype != "float16":
+        raise ConfigError(f"the fused kernel keeps float16 factors, got {tc.factor_dtype}")
     if tc.rank > min(block, dim, MAX_RANK):
         raise ConfigError(
             f"the fused kernel covers rank <= {min(block, dim, MAX_RANK)} here, got {tc.rank}"
