@@ -14,7 +14,7 @@ missing, with queries) is compressed whole (the prefill cache, as in the GEAR pa
 Configurations: every preset over a small grid, plus a tuning stage. The tuning stage sweeps
 (:func:`gear_lab.sweeps.sweep`) per-kind settings: KIVI-style grouped quantization (bits 2-4,
 G 16-128 or the whole axis), GEAR on top of it (a 1/64 outlier fraction and / or rank 1-2 by
-SVD) and Hadamard-rotated quantization; it then pairs key and value settings and keeps, per
+SVD, with float16 or float8_e4m3 low-rank factors) and Hadamard-rotated quantization; it then pairs key and value settings and keeps, per
 family and budget, the pairs with the lowest estimated output error, which are then measured
 jointly like the presets. KIVI-style mixes get the same search as GEAR, so the comparison is fair.
 
@@ -83,6 +83,9 @@ def preset_grid() -> list[Candidate]:
 # Per-kind settings searched by the tuning stage, all on the "quant" preset (keys per channel,
 # values per token), low rank by exact SVD of the whole prefill. An outlier fraction of 1/64 is
 # one kept entry per 64-entry token vector (head_dim 64), the smallest non-zero count.
+FP8_FACTORS = "float8_e4m3"
+
+
 def kind_settings() -> list[dict[str, object]]:
     """KIVI-style (grouped quantization), GEAR (+ outliers / low rank) and rotated settings."""
     out: list[dict[str, object]] = []
@@ -92,6 +95,18 @@ def kind_settings() -> list[dict[str, object]]:
             {"bits": bits, "group_size": g, "outliers": s, "rank": r, "lowrank": "svd"}
             for g in (32, 64, 128)
             for s, r in ((0.0, 1), (0.0, 2), (1 / 64, 0), (1 / 64, 1))
+        ]
+        # factor precision: the rank-1/2 corrections with float8 factors (half their bytes)
+        out += [
+            {
+                "bits": bits,
+                "group_size": g,
+                "rank": r,
+                "lowrank": "svd",
+                "factor_dtype": FP8_FACTORS,
+            }
+            for g in (32, 64)
+            for r in (1, 2)
         ]
         out += [{"bits": bits, "group_size": g, "rotate": True} for g in (32, 64)]
     return out
@@ -112,6 +127,8 @@ def short(setting: dict[str, object]) -> str:
         label += f"+s{100 * float(setting['outliers']):.1f}%"
     if setting.get("rank"):
         label += f"+r{setting['rank']}"
+        if setting.get("factor_dtype") == FP8_FACTORS:
+            label += "f8"
     return label + ("+rot" if setting.get("rotate") else "")
 
 
@@ -133,6 +150,7 @@ def tuned(
     base = {"bits": 2, "group_size": 64}
     probes = {
         "rank 1": {**base, "outliers": 0.0, "rank": 1, "lowrank": "svd"},
+        "rank 1 fp8 factors": {**base, "rank": 1, "lowrank": "svd", "factor_dtype": FP8_FACTORS},
         "1 outlier per 64-vector": {**base, "outliers": 1 / 64, "rank": 0, "lowrank": "svd"},
         "G 64 -> 32": {**base, "group_size": 32},
     }
@@ -148,9 +166,6 @@ def tuned(
                 f"out rel {ref['output_rel']:.4f} -> {row['output_rel']:.4f}"
             )
         notes.append(f"measured on {kind} at 2b/G64: " + "; ".join(parts))
-    notes.append(
-        "low-rank factors are fp16 (the library has no factor-precision setting): not tuned"
-    )
     pairs = []
     for ki, k in keys.iterrows():
         for vi, v in values.iterrows():
