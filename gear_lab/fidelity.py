@@ -374,6 +374,21 @@ def validate_protocol(windows: int, prefill: int, continuation: int) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _prefill_then_score(
+    model: torch.nn.Module, cache: Cache, inputs: Tensor, prefill: int
+) -> tuple[Tensor, int]:
+    """Feed ``inputs[:, :prefill]`` into ``cache``, then the rest through it in one forward.
+
+    Returns the rest's logits ``[seq - prefill, vocab]`` and the bytes the cache held right
+    after the prefill.
+    """
+    key = cache_kwarg(model)
+    model(input_ids=inputs[:, :prefill], use_cache=True, logits_to_keep=1, **{key: cache})
+    prefill_bytes = cache_nbytes(cache)
+    logits = model(input_ids=inputs[:, prefill:], use_cache=True, **{key: cache}).logits[0]
+    return logits, prefill_bytes
+
+
 @torch.inference_mode()
 def perplexity_check(
     model: torch.nn.Module,
@@ -402,7 +417,6 @@ def perplexity_check(
     ids = _corpus_ids(tokenizer, corpus)
     length = prefill + continuation + 1
     starts = window_starts(len(ids), windows, prefill + continuation)
-    key = cache_kwarg(model)
     nll_full: list[Tensor] = []
     nll_comp: list[Tensor] = []
     kls: list[Tensor] = []
@@ -412,16 +426,9 @@ def perplexity_check(
     for start in tqdm(starts, desc=f"ppl {method_label(config)}", disable=not progress):
         window = ids[start : start + length].to(device)[None]
         inputs, targets = window[:, :-1], window[0, prefill + 1 :]
-        logits_by_spec = []
-        for spec in ("dynamic", config):
-            cache = make_cache(spec, model)
-            model(input_ids=inputs[:, :prefill], use_cache=True, logits_to_keep=1, **{key: cache})
-            prefill_bits = 8 * cache_nbytes(cache) / _cache_entries(model, prefill)
-            logits_by_spec.append(
-                model(input_ids=inputs[:, prefill:], use_cache=True, **{key: cache}).logits[0]
-            )
-        bits.append(prefill_bits)  # of the compressed cache, the loop's last
-        full, comp = logits_by_spec
+        full, _ = _prefill_then_score(model, make_cache("dynamic", model), inputs, prefill)
+        comp, prefill_bytes = _prefill_then_score(model, make_cache(config, model), inputs, prefill)
+        bits.append(8 * prefill_bytes / _cache_entries(model, prefill))
         for logits, out in ((full, nll_full), (comp, nll_comp)):
             out.append(
                 torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")

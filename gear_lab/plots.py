@@ -36,6 +36,31 @@ _MARGIN = {"l": 50, "r": 20, "t": 50, "b": 40}
 _LEGEND_BELOW = {"orientation": "h", "y": -0.25}
 
 
+def _axes_layout(
+    fig: go.Figure,
+    title: str,
+    x_title: str,
+    y_title: str,
+    *,
+    height: int,
+    log_y: bool = False,
+    legend_below: bool = True,
+    **extra: Any,
+) -> go.Figure:
+    """The house style of an x/y chart: titles, linear or log y, margins, legend below."""
+    fig.update_layout(
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        yaxis_type="log" if log_y else "linear",
+        height=height,
+        margin=_MARGIN,
+        **({"legend": _LEGEND_BELOW} if legend_below else {}),
+        **extra,
+    )
+    return fig
+
+
 def _np(x: Any) -> np.ndarray:
     """A float64 numpy copy of ``x`` (numpy array, list or torch tensor on any device)."""
     if hasattr(x, "detach"):
@@ -159,16 +184,7 @@ def fig_profile(
     for label, values in series.items():
         v = _np(values).ravel()
         fig.add_trace(go.Scatter(x=np.arange(v.size), y=v, mode="lines", name=label))
-    fig.update_layout(
-        title=f"{metric} per {by}",
-        xaxis_title=by,
-        yaxis_title=metric,
-        yaxis_type="log" if log_y else "linear",
-        height=320,
-        margin=_MARGIN,
-        legend=_LEGEND_BELOW,
-    )
-    return fig
+    return _axes_layout(fig, f"{metric} per {by}", by, metric, height=320, log_y=log_y)
 
 
 def fig_spectrum(spectra: Mapping[str, Any], *, rank: int | None = None) -> go.Figure:
@@ -183,16 +199,7 @@ def fig_spectrum(spectra: Mapping[str, Any], *, rank: int | None = None) -> go.F
         fig.add_trace(go.Scatter(x=np.arange(1, s.size + 1), y=s, mode="lines+markers", name=label))
     if rank:
         fig.add_vline(x=rank + 0.5, line_dash="dash", annotation_text=f"rank {rank}")
-    fig.update_layout(
-        title="singular values",
-        xaxis_title="index",
-        yaxis_title="singular value",
-        yaxis_type="log",
-        height=360,
-        margin=_MARGIN,
-        legend=_LEGEND_BELOW,
-    )
-    return fig
+    return _axes_layout(fig, "singular values", "index", "singular value", height=360, log_y=True)
 
 
 def fig_energy(
@@ -210,16 +217,9 @@ def fig_energy(
         fig.add_vline(x=rank, line_dash="dash", annotation_text=f"rank {rank}")
     if share is not None:
         fig.add_hline(y=share, line_dash="dot", annotation_text=f"{share:.0%}")
-    fig.update_layout(
-        title="cumulative energy",
-        xaxis_title="rank",
-        yaxis_title="energy share",
-        yaxis_range=[0, 1.02],
-        height=360,
-        margin=_MARGIN,
-        legend=_LEGEND_BELOW,
+    return _axes_layout(
+        fig, "cumulative energy", "rank", "energy share", height=360, yaxis_range=[0, 1.02]
     )
-    return fig
 
 
 def fig_layer_map(
@@ -273,15 +273,8 @@ def fig_magnitude_histogram(values: Mapping[str, Any], *, bins: int = 80) -> go.
         fig.add_trace(
             go.Bar(x=centers, y=counts, name=label, opacity=0.6, width=edges[1] - edges[0])
         )
-    fig.update_layout(
-        title="magnitude histogram",
-        barmode="overlay",
-        xaxis_title="|x|",
-        yaxis_title="count",
-        yaxis_type="log",
-        height=340,
-        margin=_MARGIN,
-        legend=_LEGEND_BELOW,
+    _axes_layout(
+        fig, "magnitude histogram", "|x|", "count", height=340, log_y=True, barmode="overlay"
     )
     return fig
 
@@ -334,16 +327,7 @@ def fig_error_lines(
     groups = agg.groupby(color, sort=True, dropna=False) if color else [(y, agg)]
     for label, part in groups:
         fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="lines+markers", name=str(label)))
-    fig.update_layout(
-        title=title or f"{y} vs {x}",
-        xaxis_title=x,
-        yaxis_title=y,
-        yaxis_type="log" if log_y else "linear",
-        height=360,
-        margin=_MARGIN,
-        legend=_LEGEND_BELOW,
-    )
-    return fig
+    return _axes_layout(fig, title or f"{y} vs {x}", x, y, height=360, log_y=log_y)
 
 
 def pareto_front(df: pd.DataFrame, *, x: str, y: str) -> pd.Series:
@@ -394,15 +378,9 @@ def fig_pareto(
             line={"dash": "dash", "color": "black"},
         )
     )
-    fig.update_layout(
-        title=f"{y} vs {x}: Pareto front",
-        xaxis_title=x,
-        yaxis_title=y,
-        yaxis_type="log" if log_y else "linear",
-        height=420,
-        margin=_MARGIN,
+    return _axes_layout(
+        fig, f"{y} vs {x}: Pareto front", x, y, height=420, log_y=log_y, legend_below=False
     )
-    return fig
 
 
 def fig_generation_steps(
