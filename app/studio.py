@@ -1,22 +1,11 @@
-"""gear-lab studio: the Streamlit entry point (``gear-lab app [DUMP]``).
+"""Thin launcher: ``streamlit run app/studio.py`` serves the studio packaged in ``gear_lab.studio``.
 
-Pages live in ``app_pages/``; shared cached loaders and widgets in ``state.py``; figures come from
-:mod:`gear_lab.plots` (the notebooks draw with the same builders).
+``gear-lab app`` runs the packaged script directly; this file exists for the project's top-level
+``app/`` layout and runs the same code.
 """
 
-from __future__ import annotations
+import runpy
 
-import streamlit as st
+from gear_lab.studio import STUDIO_SCRIPT
 
-st.set_page_config(page_title="gear-lab studio", page_icon=":material/settings:", layout="wide")
-
-PAGES = [
-    st.Page("app_pages/dumps.py", title="Dumps", icon=":material/database:", default=True),
-    st.Page("app_pages/explorer.py", title="Error explorer", icon=":material/grid_on:"),
-    st.Page("app_pages/spectra.py", title="Spectra", icon=":material/show_chart:"),
-    st.Page("app_pages/outliers.py", title="Outliers", icon=":material/scatter_plot:"),
-    st.Page("app_pages/sweeps.py", title="Sweeps", icon=":material/tune:"),
-    st.Page("app_pages/live.py", title="Live generation", icon=":material/chat:"),
-]
-
-st.navigation(PAGES).run()
+runpy.run_path(str(STUDIO_SCRIPT), run_name="__main__")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parent.parent / "app"
+from gear_lab.studio import STUDIO_SCRIPT
 
 
 def timed_run(at: AppTest) -> float:
@@ -55,7 +55,7 @@ def main() -> int:
     print(f"dump {args.dump}; median of {args.repeat} reruns; ratio = seconds / unchanged rerun")
     print(f"{'page':<10} {'widget change':<34} {'seconds':>8} {'ratio':>6}")
     for page, rows in PAGES.items():
-        at = AppTest.from_file(str(APP / "studio.py"), default_timeout=600).run()
+        at = AppTest.from_file(str(STUDIO_SCRIPT), default_timeout=600).run()
         at.switch_page(f"app_pages/{page}.py").run()
         for _ in range(2):  # warm the caches of the page's default view
             timed_run(at)

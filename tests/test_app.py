@@ -15,14 +15,11 @@ from streamlit.testing.v1 import AppTest
 
 from gear_lab import metrics
 from gear_lab.cli import main
-from gear_lab.cli.app import DUMP_ENV, streamlit_command, studio_script
+from gear_lab.cli.app import streamlit_command
 from gear_lab.compression import compress, get_preset
 from gear_lab.dump import open_dump
 from gear_lab.errors import DumpError
-
-APP_DIR = Path(__file__).resolve().parent.parent / "app"
-sys.path.insert(0, str(APP_DIR))
-import state  # noqa: E402  (app/state.py: the studio's shared helpers)
+from gear_lab.studio import DUMP_ENV, STUDIO_SCRIPT, state
 
 TIMEOUT = 300
 
@@ -34,7 +31,7 @@ def app(smol_dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
 
     def open_page(page: str) -> AppTest:
-        at = AppTest.from_file(str(APP_DIR / "studio.py"), default_timeout=TIMEOUT).run()
+        at = AppTest.from_file(str(STUDIO_SCRIPT), default_timeout=TIMEOUT).run()
         if page != "dumps":
             at.switch_page(f"app_pages/{page}.py").run()
         return ok(at)
@@ -87,7 +84,7 @@ def test_dumps_page_captures_a_dump_and_switches_to_it(app, tmp_path: Path) -> N
 def test_pages_without_a_dump_say_how_to_get_one(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv(DUMP_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    at = ok(AppTest.from_file(str(APP_DIR / "studio.py"), default_timeout=TIMEOUT).run())
+    at = ok(AppTest.from_file(str(STUDIO_SCRIPT), default_timeout=TIMEOUT).run())
     assert any("No dump found" in i.value for i in at.info)
     ok(at.switch_page("app_pages/explorer.py").run())
     assert any("No dump yet" in i.value for i in at.info)
@@ -231,8 +228,8 @@ def test_gear_lab_app_command_line(tmp_path: Path, capsys) -> None:
     assert main(["app", str(tmp_path / "missing.h5")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gear-lab: error:") and "\n" not in err
-    cmd = streamlit_command(studio_script(), host="127.0.0.1", port=8765, max_upload_mb=50)
-    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(APP_DIR / "studio.py")]
+    cmd = streamlit_command(STUDIO_SCRIPT, host="127.0.0.1", port=8765, max_upload_mb=50)
+    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(STUDIO_SCRIPT)]
     assert {"--server.address=127.0.0.1", "--server.headless=true", "--server.port=8765"} <= set(
         cmd
     )

@@ -1,4 +1,4 @@
-"""``gear-lab app [DUMP]``: open the Streamlit studio (``app/studio.py``) on a dump.
+"""``gear-lab app [DUMP]``: open the Streamlit studio (:mod:`gear_lab.studio`) on a dump.
 
 The studio is served headless on 127.0.0.1 unless ``--host`` says otherwise; the dump path
 reaches the app through the ``GEAR_LAB_DUMP`` environment variable.
@@ -13,21 +13,7 @@ import sys
 from pathlib import Path
 
 from gear_lab.errors import GearLabError
-
-DUMP_ENV = "GEAR_LAB_DUMP"
-
-
-def studio_script() -> Path:
-    """``app/studio.py`` of the source checkout gear-lab is installed from (``pip install -e``)."""
-    import gear_lab
-
-    script = Path(gear_lab.__file__).resolve().parent.parent / "app" / "studio.py"
-    if not script.is_file():
-        raise GearLabError(
-            f"studio not found at {script}: `gear-lab app` needs the source checkout "
-            "installed with `pip install -e .`"
-        )
-    return script
+from gear_lab.studio import DUMP_ENV, STUDIO_SCRIPT
 
 
 def streamlit_command(script: Path, *, host: str, port: int, max_upload_mb: int) -> list[str]:
@@ -59,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise GearLabError(f"--port must be in 1..65535, got {args.port}")
     cmd = streamlit_command(
-        studio_script(), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb
+        STUDIO_SCRIPT, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb
     )
     print(f"gear-lab studio on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     return subprocess.call(cmd, env=env)

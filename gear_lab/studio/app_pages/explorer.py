@@ -7,11 +7,11 @@ next to plain 2-bit quantization.
 from __future__ import annotations
 
 import numpy as np
-import state
 import streamlit as st
 import torch
 
 from gear_lab import metrics, plots
+from gear_lab.studio import state
 
 st.title("Error explorer")
 key, info = state.require_dump()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import html
 from pydoc_data.topics import topics
 
-import state
 import streamlit as st
 
 from gear_lab import plots
 from gear_lab.cache import DEFAULT_BLOCK_SIZE
 from gear_lab.errors import GearLabError
 from gear_lab.fidelity import check_generation
+from gear_lab.studio import state
 
 # longer than a few cache blocks: the newest block_size tokens always stay full precision
 DEFAULT_PROMPT = topics["for"][:800]

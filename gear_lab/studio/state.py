@@ -28,10 +28,10 @@ import streamlit as st
 import torch
 
 from gear_lab import metrics
-from gear_lab.cli.app import DUMP_ENV
 from gear_lab.compression import CompressionConfig, compress, get_preset, list_presets
 from gear_lab.dump import open_dump
 from gear_lab.errors import DumpError, GearLabError
+from gear_lab.studio import DUMP_ENV
 from gear_lab.sweeps import sweep
 
 DUMP_KEY = "dump_path"  # session-state key of the dump chosen on the Dumps page

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import state
 import streamlit as st
 
 from gear_lab.dump import capture_dump
 from gear_lab.errors import DumpError, GearLabError
+from gear_lab.studio import state
 
 st.title("Dumps")
 st.caption(

@@ -7,11 +7,11 @@ the rank that captures a given share of R's energy says how much a rank-r correc
 from __future__ import annotations
 
 import numpy as np
-import state
 import streamlit as st
 import torch
 
 from gear_lab import metrics, plots
+from gear_lab.studio import state
 
 st.title("Spectra")
 key, info = state.require_dump()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
-import state
 import streamlit as st
 
 from gear_lab import plots
 from gear_lab.compression import CompressionConfig, get_preset, list_presets
 from gear_lab.errors import GearLabError
+from gear_lab.studio import state
 from gear_lab.sweeps import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS
 
 STUDIES = {

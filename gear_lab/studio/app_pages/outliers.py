@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import state
 import streamlit as st
 
 from gear_lab import plots
+from gear_lab.studio import state
 
 STATS = {
     "max_abs": "channel max |x|",
