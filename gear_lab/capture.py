@@ -27,15 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gear_lab.errors import CaptureError, ConfigError
+from gear_lab.models import check_context
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each captured layer of each sample."""
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-KINDS = ("keys", "values", "queries", "keys_pre_rope")
-CORPORA = ("pydoc",)
 
 
 @dataclass
@@ -60,102 +58,42 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return [layer.self_attn for layer in layers]
 
 
-def _text_config(model: PreTrainedModel) -> Any:
-    return getattr(model.config, "text_config", None) or model.config
-
-
-def layer_infos(model: PreTrainedModel) -> list[dict[str, Any]]:
-    """Per layer: ``attention_type``, ``sliding_window`` (None = full), ``rope_theta``, ``scaling``.
-
-    ``scaling`` is the factor the model multiplies ``q @ k^T`` with (``head_dim ** -0.5`` for
-    Llama, ``query_pre_attn_scalar ** -0.5`` for Gemma 3); ``softcap`` is the attention logit
-    soft-cap (None for most models).
-    """
-    config = _text_config(model)
-    modules = attention_modules(model)
-    types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(modules))
-    rope = getattr(config, "rope_parameters", None) or {}
-    infos = []
-    for attn, kind in zip(modules, types, strict=True):
-        params = rope.get(kind, rope) if isinstance(rope.get(kind), dict) else rope
-        window = getattr(attn, "sliding_window", None)
-        if window is None and kind == "sliding_attention":
-            window = getattr(config, "sliding_window", None)
-        infos.append(
-            {
-                "attention_type": kind,
-                "sliding_window": int(window) if window else None,
-                "rope_theta": float(params.get("rope_theta", getattr(config, "rope_theta", 0.0))),
-                "scaling": float(attn.scaling),
-                "softcap": getattr(attn, "attn_logit_softcapping", None),
-            }
-        )
-    return infos
-
-
-def parse_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
-    """``None`` -> every layer; ``"0,5,10-12"`` or a sequence of ints -> sorted unique indices."""
+def parse_indices(spec: str | Sequence[int] | None, count: int, what: str = "layer") -> list[int]:
+    """``None`` -> ``0 .. count-1``; ``"0,5,10-12"`` or a sequence of ints -> sorted unique
+    indices, each in ``[0, count)``. Bounds are checked before a range is expanded, so a huge
+    range is refused at once; messages quote at most a short prefix of ``spec``."""
     if spec is None:
-        return list(range(num_layers))
-    picked: set[int] = set()
+        return list(range(count))
+    bounds: list[tuple[int, int]] = []
     if isinstance(spec, str):
         for part in filter(None, (p.strip() for p in spec.split(","))):
             lo, sep, hi = part.partition("-")
             try:
                 start, stop = int(lo), int(hi if sep else lo)
             except ValueError:
-                raise ConfigError(f"bad layer spec {spec!r}: {part!r} is not N or N-M") from None
+                raise ConfigError(
+                    f"bad {what} spec {spec!r:.60}: {part!r:.30} is not N or N-M"
+                ) from None
             if stop < start:
-                raise ConfigError(f"bad layer spec {spec!r}: empty range {part!r}")
-            picked.update(range(start, stop + 1))
+                raise ConfigError(f"bad {what} spec {spec!r:.60}: empty range {part!r:.30}")
+            bounds.append((start, stop))
     else:
-        picked.update(int(i) for i in spec)
-    if not picked:
-        raise ConfigError(f"layer spec {spec!r} selects no layer")
-    bad = sorted(i for i in picked if not 0 <= i < num_layers)
-    if bad:
-        raise ConfigError(
-            f"layers {bad} out of range: the model has {num_layers} (0-{num_layers - 1})"
-        )
-    return sorted(picked)
+        try:
+            bounds = [(int(i), int(i)) for i in spec]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} indices must be integers, got {spec!r:.60}") from None
+    if not bounds:
+        raise ConfigError(f"{what} spec {spec!r:.60} selects no {what}")
+    for start, stop in bounds:
+        if start < 0 or stop >= count:
+            where = f"{what} {start}" if start == stop else f"{what}s {start}-{stop}"
+            raise ConfigError(f"{where} out of range: there are {count} {what}s (0-{count - 1})")
+    return sorted({i for start, stop in bounds for i in range(start, stop + 1)})
 
 
-def corpus_texts(
-    name: str = "pydoc",
-    samples: int = 1,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_tokens: int = 512,
-) -> list[str]:
-    """``samples`` deterministic, non-overlapping text windows of a built-in corpus.
-
-    ``"pydoc"``: CPython's ``pydoc_data.topics.topics`` (about 465,000 characters of English),
-    topics joined in name order; sample ``i`` is the ``i``-th window of ``8 * max_tokens``
-    characters (from its first word boundary), cut to a few tokens more than ``max_tokens`` when
-    a ``tokenizer`` is given (:func:`capture_samples` truncates).
-    """
-    if name not in CORPORA:
-        raise ConfigError(f"unknown corpus {name!r}; available: {', '.join(CORPORA)}")
-    if samples < 1 or max_tokens < 1:
-        raise ConfigError(f"samples and max_tokens must be >= 1, got {samples} and {max_tokens}")
-    from pydoc_data.topics import topics
-
-    joined = "\n\n".join(topics[key].strip() for key in sorted(topics))
-    chars = 8 * max_tokens
-    if samples * chars > len(joined):
-        raise ConfigError(
-            f"corpus {name!r} holds {len(joined)} characters: too little for "
-            f"{samples} samples of {max_tokens} tokens"
-        )
-    # each window starts at a word boundary (its first whitespace), so samples read naturally
-    texts = [joined[i * chars : (i + 1) * chars] for i in range(samples)]
-    texts = [t[len(t.split(maxsplit=1)[0]) :].lstrip() if i else t for i, t in enumerate(texts)]
-    if tokenizer is not None:
-        texts = [
-            # a few spare tokens: decode -> encode may merge tokens at the cut
-            tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids[: max_tokens + 8])
-            for t in texts
-        ]
-    return texts
+def parse_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    """:func:`parse_indices` of layers: ``"0,5,10-12"`` -> ``[0, 5, 10, 11, 12]``."""
+    return parse_indices(spec, num_layers, "layer")
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:
@@ -268,6 +206,7 @@ def capture_samples(
 
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    check_context(model, max_tokens, "max_tokens")
     if not texts:
         raise CaptureError("no prompts to capture")
     modules = attention_modules(model)

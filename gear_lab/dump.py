@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,18 +29,19 @@ import h5py
 import numpy as np
 import torch
 
+from gear_lab.architecture import model_arch
 from gear_lab.capture import (
-    KINDS,
     CapturedSample,
     ProgressCallback,
     attention_modules,
     capture_samples,
-    corpus_texts,
-    layer_infos,
     parse_layers,
 )
-from gear_lab.errors import CaptureError, ConfigError, DumpError, DumpExistsError
-from gear_lab.models import DEFAULT_MODEL, load_model, model_id
+from gear_lab.constants import DEFAULT_MODEL, KINDS
+from gear_lab.corpus import corpus_texts
+from gear_lab.errors import CaptureError, ConfigError, DumpError, DumpExistsError, first_line
+from gear_lab.files import GuardedFile, atomic_write, check_output
+from gear_lab.models import check_context, load_model, model_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,6 +65,23 @@ _ROOT_ATTRS = (
     "head_dim",
 )
 _STR = h5py.string_dtype("utf-8")
+# what a dump may hold (see docs/security.md): storage in the file itself, built-in filters only
+_LAYOUTS = frozenset({h5py.h5d.COMPACT, h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED})
+_FILTERS = frozenset(
+    {
+        h5py.h5z.FILTER_DEFLATE,
+        h5py.h5z.FILTER_SHUFFLE,
+        h5py.h5z.FILTER_FLETCHER32,
+        h5py.h5z.FILTER_LZF,
+    }
+)
+_LAYER_ATTRS = {
+    "attention_type": "str",
+    "sliding_window": "int",
+    "rope_theta": "float",
+    "scaling": "float",
+    "softcap": "float",
+}
 
 
 def sample_group(sample: int) -> str:
@@ -103,21 +120,8 @@ def _versions() -> dict[str, str]:
 
 
 def _check_target(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Check, creating nothing, that ``out`` may be written: no file there unless ``overwrite``,
-    and its folder exists and is writable, or can be created inside a writable folder."""
-    path = Path(out).expanduser()
-    if path.exists() and not overwrite:
-        raise DumpExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    if path.is_dir():
-        raise CaptureError(f"{path} is a folder, not a dump file path")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CaptureError(f"output folder {path.parent} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise CaptureError(f"output folder {existing} is not writable")
-    return path
+    """:func:`gear_lab.files.check_output` for a dump (its folder may still be missing)."""
+    return check_output(out, overwrite=overwrite, make_parents=True, exists_error=DumpExistsError)
 
 
 def write_dump(
@@ -132,17 +136,19 @@ def write_dump(
 ) -> Path:
     """Stream ``samples`` into a new dump at ``out`` and return its path.
 
-    Written to a temporary file in the target folder and renamed into place only on success;
-    any exception (KeyboardInterrupt included) removes the temporary file.
+    Written through :func:`gear_lab.files.atomic_write`: whole or absent; a failed write (a full
+    disk) stops the capture once the current sample is done, with a one-line
+    :class:`~gear_lab.errors.OutputError`.
     """
     path = _check_target(out, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    infos = layer_infos(model)
+    arch = model_arch(model)
     dtype = next(model.parameters()).dtype
     storage = _storage_dtype(dtype)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
+    with (
+        atomic_write(path, overwrite=overwrite, exists_error=DumpExistsError) as tmp,
+        GuardedFile(tmp, "w+") as raw,  # h5py crashes when its own writes fail
+    ):
+        with h5py.File(raw, "w") as f:
             count = 0
             heads = 0
             for count, sample in enumerate(samples, start=1):
@@ -151,12 +157,12 @@ def write_dump(
                 group.create_dataset("text", data=sample.text, dtype=_STR)
                 for layer, tensors in sample.layers.items():
                     lg = group.create_group(layer_group(layer))
-                    info = infos[layer]
-                    lg.attrs["attention_type"] = info["attention_type"]
-                    lg.attrs["sliding_window"] = info["sliding_window"] or 0
-                    lg.attrs["rope_theta"] = info["rope_theta"]
-                    lg.attrs["scaling"] = info["scaling"]
-                    lg.attrs["softcap"] = info["softcap"] or 0.0
+                    info = arch.layers[layer]
+                    lg.attrs["attention_type"] = info.attention_type
+                    lg.attrs["sliding_window"] = info.sliding_window or 0
+                    lg.attrs["rope_theta"] = info.rope_theta or 0.0
+                    lg.attrs["scaling"] = arch.scaling
+                    lg.attrs["softcap"] = arch.softcap or 0.0
                     for kind, tensor in tensors.items():
                         data = tensor.to(torch.float32).numpy().astype(storage)
                         lg.create_dataset(
@@ -168,9 +174,9 @@ def write_dump(
                             shuffle=True,
                         )
                         heads = data.shape[0] if kind == "queries" else heads
+                raw.check()
             if count == 0:
                 raise CaptureError("no samples were captured")
-            config = getattr(model.config, "text_config", None) or model.config
             device = next(model.parameters()).device
             attrs = {
                 "format": FORMAT,
@@ -187,17 +193,12 @@ def write_dump(
                 "num_samples": count,
                 "layers": np.asarray(layers, dtype=np.int32),
                 "kinds": json.dumps(list(kinds)),
-                "num_heads": heads or config.num_attention_heads,
-                "num_kv_heads": config.num_key_value_heads,
-                "head_dim": getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads,
+                "num_heads": heads or arch.num_heads,
+                "num_kv_heads": arch.num_kv_heads,
+                "head_dim": arch.head_dim,
             }
             f.attrs.update(attrs)
-        if path.exists() and not overwrite:
-            raise DumpExistsError(f"{path} appeared during the capture; not replaced")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        raw.check()
     return path
 
 
@@ -235,6 +236,7 @@ def capture_dump(
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype)
     lm, tokenizer = loaded
+    check_context(lm, max_tokens, "max_tokens")  # before the corpus is cut into windows
     source = "prompts" if prompts is not None else corpus or "pydoc"
     texts = (
         list(prompts)
@@ -266,10 +268,13 @@ class Dump:
             self._file = h5py.File(self.path, "r")
         except OSError as err:
             reason = "truncated file" if "truncated" in str(err) else "not an HDF5 file"
-            raise DumpError(f"{self.path}: {reason} ({_first_line(err)})") from err
+            raise DumpError(f"{self.path}: {reason} ({first_line(err)})") from err
         try:
             self._validate()
-        except Exception:
+        except (KeyError, TypeError, ValueError, OSError, RuntimeError) as err:
+            self._file.close()  # HDF5 / h5py failures on a malformed file: still one line
+            raise self._fail(f"malformed dump ({first_line(err)})") from err
+        except BaseException:
             self._file.close()
             raise
 
@@ -279,7 +284,8 @@ class Dump:
 
     def _validate(self) -> None:
         attrs = self._file.attrs
-        if "schema_version" not in attrs or attrs.get("format") != FORMAT:
+        fmt = attrs.get("format")
+        if "schema_version" not in attrs or not isinstance(fmt, str) or fmt != FORMAT:
             raise self._fail("not a gear-lab dump (no format / schema_version attribute)")
         version = attrs["schema_version"]
         if not isinstance(version, (int, np.integer)) or version < 1:
@@ -292,40 +298,124 @@ class Dump:
         missing = [name for name in _ROOT_ATTRS if name not in attrs]
         if missing:
             raise self._fail(f"missing root attributes {missing}")
+        self._check_storage()
+        self._read_root(attrs)
+        for sample in range(self.num_samples):
+            name = sample_group(sample)
+            ids = self._dataset(f"{name}/token_ids")
+            if ids.ndim != 1 or ids.shape[0] < 1 or ids.dtype.kind not in "iu":
+                raise self._fail(
+                    f"/{name}/token_ids is {ids.dtype} {ids.shape}, expected integer [seq]"
+                )
+            text = self._dataset(f"{name}/text")
+            if text.shape != () or h5py.check_string_dtype(text.dtype) is None:
+                raise self._fail(f"/{name}/text is {text.dtype} {text.shape}, expected a string")
+            for layer in self.layers:
+                self._check_layer_attrs(f"{name}/{layer_group(layer)}")
+                for kind in self.kinds:
+                    where = f"{name}/{layer_group(layer)}/{kind}"
+                    data = self._dataset(where)
+                    heads = self.num_heads if kind == "queries" else self.num_kv_heads
+                    expected = (heads, ids.shape[0], self.head_dim)
+                    if data.shape != expected:
+                        raise self._fail(f"/{where} has shape {data.shape}, expected {expected}")
+                    if data.dtype.kind != "f" or data.dtype.itemsize not in (2, 4, 8):
+                        raise self._fail(f"/{where} has dtype {data.dtype}, expected a float dtype")
+
+    def _check_storage(self) -> None:
+        """Refuse anything not stored in the file's own bytes, walking every object without
+        following a link: soft and external links, objects reachable twice (hard-link loops),
+        virtual datasets, external raw storage, unknown layouts or filters, named datatypes."""
+        groups: list[tuple[str, h5py.Group]] = [("", self._file)]
+        while groups:
+            where, group = groups.pop()
+            for name in group:
+                path = f"{where}/{name}"
+                link = group.get(name, getlink=True)
+                if not isinstance(link, h5py.HardLink):
+                    raise self._fail(f"{path} is a {type(link).__name__}; a dump holds no links")
+                obj = group[name]
+                if h5py.h5o.get_info(obj.id).rc != 1:
+                    raise self._fail(f"{path} is linked more than once (an alias or a link loop)")
+                if isinstance(obj, h5py.Group):
+                    groups.append((path, obj))
+                elif isinstance(obj, h5py.Dataset):
+                    self._check_dataset_storage(path, obj)
+                else:
+                    raise self._fail(f"{path} is a {type(obj).__name__}, not a group or dataset")
+
+    def _check_dataset_storage(self, path: str, data: h5py.Dataset) -> None:
+        """A dataset must be compact, contiguous or chunked in this file, with built-in filters."""
+        if data.is_virtual:
+            raise self._fail(f"{path} is a virtual dataset (it reads other files)")
+        plist = data.id.get_create_plist()
+        if plist.get_external_count():
+            raise self._fail(f"{path} keeps its data in external files")
+        if plist.get_layout() not in _LAYOUTS:
+            raise self._fail(f"{path} has an unsupported storage layout")
+        filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+        if filters - _FILTERS:
+            raise self._fail(
+                f"{path} uses HDF5 filters {sorted(filters - _FILTERS)} "
+                "(only gzip, shuffle, fletcher32 and lzf are read)"
+            )
+
+    def _read_root(self, attrs: h5py.AttributeManager) -> None:
+        """Decode and type-check the root attributes into the public fields."""
+        list(attrs.values())  # every attribute must be readable: metadata returns them all
         try:
             self.config: dict[str, Any] = json.loads(attrs["config"])
-            self.kinds: tuple[str, ...] = tuple(json.loads(attrs["kinds"]))
+            kinds = json.loads(attrs["kinds"])
             self._versions = json.loads(attrs["versions"])
         except (json.JSONDecodeError, TypeError) as err:
-            raise self._fail(f"corrupt JSON attribute ({_first_line(err)})") from err
-        self.model_id = str(attrs["model_id"])
-        self.num_samples = int(attrs["num_samples"])
-        self.layers = [int(i) for i in np.atleast_1d(attrs["layers"])]
-        self.num_heads = int(attrs["num_heads"])
-        self.num_kv_heads = int(attrs["num_kv_heads"])
-        self.head_dim = int(attrs["head_dim"])
+            raise self._fail(f"corrupt JSON attribute ({first_line(err)})") from err
+        if not isinstance(self.config, dict) or not isinstance(self._versions, dict):
+            raise self._fail("config and versions must be JSON objects")
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise self._fail(f"kinds must be a JSON list of names, got {kinds!r:.60}")
+        self.kinds: tuple[str, ...] = tuple(kinds)
+        if not isinstance(attrs["model_id"], str):
+            raise self._fail("model_id must be a string")
+        self.model_id = attrs["model_id"]
+        counts = {}
+        for name in ("num_samples", "num_heads", "num_kv_heads", "head_dim"):
+            value = attrs[name]
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise self._fail(f"{name} must be an integer >= 1, got {value!r:.60}")
+            counts[name] = int(value)
+        self.num_samples = counts["num_samples"]
+        self.num_heads = counts["num_heads"]
+        self.num_kv_heads = counts["num_kv_heads"]
+        self.head_dim = counts["head_dim"]
+        if self.num_heads % self.num_kv_heads:
+            raise self._fail(f"num_heads {self.num_heads} is not a multiple of num_kv_heads")
+        layers = np.atleast_1d(attrs["layers"])
+        if layers.ndim != 1 or layers.dtype.kind not in "iu" or not layers.size:
+            raise self._fail(f"layers must be a non-empty integer array, got {layers.dtype}")
+        self.layers = [int(i) for i in layers]
+        if min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
+            raise self._fail("layers must be distinct indices >= 0")
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise self._fail(f"unknown tensor kinds {unknown or 'none'}")
-        for sample in range(self.num_samples):
-            name = sample_group(sample)
-            for needed in ("token_ids", "text"):
-                if f"{name}/{needed}" not in self._file:
-                    raise self._fail(f"missing dataset /{name}/{needed}")
-            seq = self._file[f"{name}/token_ids"].shape
-            if len(seq) != 1 or seq[0] < 1:
-                raise self._fail(f"/{name}/token_ids has shape {seq}, expected [seq]")
-            for layer in self.layers:
-                for kind in self.kinds:
-                    where = f"{name}/{layer_group(layer)}/{kind}"
-                    if where not in self._file:
-                        raise self._fail(f"missing dataset /{where}")
-                    heads = self.num_heads if kind == "queries" else self.num_kv_heads
-                    expected = (heads, seq[0], self.head_dim)
-                    if self._file[where].shape != expected:
-                        raise self._fail(
-                            f"/{where} has shape {self._file[where].shape}, expected {expected}"
-                        )
+
+    def _dataset(self, where: str) -> h5py.Dataset:
+        """The dataset at ``where`` (links were refused by :meth:`_check_storage`)."""
+        obj = self._file.get(where)
+        if not isinstance(obj, h5py.Dataset):
+            raise self._fail(f"missing dataset /{where}")
+        return obj
+
+    def _check_layer_attrs(self, where: str) -> None:
+        """Every per-layer attribute is present with its schema type (floats finite)."""
+        attrs = self._file[where].attrs
+        missing = [name for name in _LAYER_ATTRS if name not in attrs]
+        if missing:
+            raise self._fail(f"/{where} lacks attributes {missing}")
+        for name, kind in _LAYER_ATTRS.items():
+            value = attrs[name]
+            if not _attr_ok(value, kind):
+                raise self._fail(f"/{where} attribute {name} is {value!r:.60}, expected {kind}")
 
     # ----------------------------------------------------------------- metadata
     @property
@@ -366,14 +456,12 @@ class Dump:
     def text(self, sample: int = 0) -> str:
         """The text of ``sample``."""
         self._check(sample)
-        return self._file[f"{sample_group(sample)}/text"].asstr()[()]
+        return self._read(f"{sample_group(sample)}/text", text=True)
 
     def token_ids(self, sample: int = 0) -> torch.Tensor:
         """Token ids of ``sample``: LongTensor [seq]."""
         self._check(sample)
-        return torch.from_numpy(
-            self._file[f"{sample_group(sample)}/token_ids"][()].astype(np.int64)
-        )
+        return torch.from_numpy(self._read(f"{sample_group(sample)}/token_ids").astype(np.int64))
 
     def seq_len(self, sample: int = 0) -> int:
         """Number of tokens of ``sample``."""
@@ -389,17 +477,32 @@ class Dump:
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """One tensor ``[kv_heads | heads, seq, head_dim]`` as torch on ``device`` (``dtype``:
-        as stored when None). Raises :class:`DumpError` on unreadable data or NaN / Inf."""
+        as stored when None). Raises :class:`DumpError` on unreadable data, NaN / Inf, or
+        values beyond the range of ``dtype``."""
         self._check(sample, layer, kind)
         where = f"{sample_group(sample)}/{layer_group(layer)}/{kind}"
-        try:
-            array = self._file[where][()]
-        except OSError as err:
-            raise self._fail(f"cannot read /{where} ({_first_line(err)})") from err
-        tensor = torch.from_numpy(array)
+        tensor = torch.from_numpy(self._read(where))
         if not torch.isfinite(tensor).all():
             raise self._fail(f"/{where} holds NaN or Inf values")
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        out = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if out.dtype != tensor.dtype and not torch.isfinite(out).all():
+            amax = float(tensor.abs().max())
+            raise self._fail(
+                f"/{where} values exceed the {str(out.dtype).removeprefix('torch.')} range "
+                f"(|x| up to {amax:.4g}); load it in a wider dtype"
+            )
+        return out
+
+    def _read(self, where: str, text: bool = False) -> Any:
+        """The whole dataset at ``where``: a str for ``text``, else a native-byte-order array."""
+        data = self._file[where]
+        try:
+            if text:
+                return data.asstr(errors="replace")[()]
+            array = data[()]
+        except OSError as err:
+            raise self._fail(f"cannot read /{where} ({first_line(err)})") from err
+        return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
     def summary(self) -> str:
         """A human-readable multi-line description: model, samples, layers, shapes, metadata."""
@@ -454,9 +557,14 @@ def open_dump(path: str | os.PathLike[str]) -> Dump:
     return Dump(path)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _attr_ok(value: Any, kind: str) -> bool:
+    """Whether an attribute value has the schema type ``kind`` (``str``, ``int`` >= 0, finite
+    ``float``)."""
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, (int, np.integer)) and value >= 0
+    return isinstance(value, (int, float, np.integer, np.floating)) and bool(np.isfinite(value))
 
 
 def _ranges(values: Sequence[int]) -> str:

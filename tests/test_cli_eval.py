@@ -25,12 +25,7 @@ def test_eval_table_and_json_match_the_library(smol_dump, capsys):
     assert code == 0
     lines = out.splitlines()
     name = lines[0].split(":")[0]
-    assert name.startswith("gear[") and set(name[5:-1].split(",")) == {
-        "bits=2",
-        "group_size=64",
-        "rank=4",
-        "outliers=0.02",
-    }
+    assert name == "gear (bits=2)"  # the label names what differs from the preset
     assert lines[1].split()[:3] == ["layer", "kind", "bits_per_entry"]
     assert [line.split()[:2] for line in lines[2:]] == [
         [str(layer), kind] for layer in (0, 2, 3) for kind in ("keys", "values")
@@ -73,10 +68,10 @@ def test_sweep_writes_a_table_and_refuses_to_overwrite(smol_dump, capsys, tmp_pa
     assert len(df) == 2 * 2 * 4  # heads x kinds x configs
     assert sorted(df["head"].unique()) == [0, 2]
     assert sorted(df["config"].unique()) == [
-        "gear[bits=2,rank=0]",
-        "gear[bits=2,rank=2]",
-        "gear[bits=4,rank=0]",
-        "gear[bits=4,rank=2]",
+        "gear (bits=2, rank=0)",
+        "gear (bits=2, rank=2)",
+        "gear (rank=0)",
+        "gear (rank=2)",
     ]
     assert df["output_rel"].notna().all()
     before = out.read_bytes()
@@ -110,7 +105,7 @@ def test_sweep_writes_a_table_and_refuses_to_overwrite(smol_dump, capsys, tmp_pa
             ["sweep", "{dump}", "--grid", "method=gear", "--method", "kivi", "--out", "{out}"],
             "either",
         ),
-        (["sweep", "{dump}", "--grid", "bits=2", "--samples", "a", "--out", "{out}"], "--samples"),
+        (["sweep", "{dump}", "--grid", "bits=2", "--samples", "a", "--out", "{out}"], "bad sample"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(smol_dump, capsys, tmp_path, argv, message):

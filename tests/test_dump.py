@@ -14,7 +14,7 @@ import torch
 from gear_lab import capture_dump, open_dump
 from gear_lab.capture import capture_samples
 from gear_lab.dump import SCHEMA_VERSION, write_dump
-from gear_lab.errors import CaptureError, DumpError, DumpExistsError
+from gear_lab.errors import DumpError, DumpExistsError, OutputError
 
 PROMPTS = ["Keys and values of every layer.", "A second, somewhat longer prompt for the dump test."]
 
@@ -186,7 +186,7 @@ def test_existing_file_needs_overwrite(smol, copy):
 def test_unwritable_output_folder(smol, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(CaptureError, match="output folder"):
+    with pytest.raises(OutputError, match="output folder"):
         capture_dump(blocker / "d.h5", prompts=["x"], progress=False, loaded=smol)
     assert list(tmp_path.iterdir()) == [blocker]
 

@@ -13,7 +13,7 @@ import torch
 from gear_lab import list_models, load_model
 from gear_lab import models as models_mod
 from gear_lab.errors import ConfigError, ModelError
-from gear_lab.models import cache_dir, model_shape, resolve_device, resolve_dtype
+from gear_lab.models import cache_dir, resolve_device, resolve_dtype
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -152,16 +152,6 @@ def test_list_models_reports_state_and_shape(smol):
         "head_dim": config.head_dim,
         "attention_types": {"full_attention": config.num_hidden_layers},
     }
-
-
-def test_model_shape_counts_layer_types():
-    from transformers import Gemma3TextConfig
-
-    config = Gemma3TextConfig(num_hidden_layers=12, sliding_window_pattern=6)
-    shape = model_shape(config)
-    types = config.layer_types
-    assert shape["attention_types"] == {t: types.count(t) for t in set(types)}
-    assert sum(shape["attention_types"].values()) == 12
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):

@@ -1,14 +1,16 @@
-"""gear_lab.plots: pooling, Pareto front and figure contents against brute-force references."""
+"""gear_lab.plots: pooling and figure contents against brute-force references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from gear_lab import plots
+from gear_lab.errors import TensorError
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -36,19 +38,9 @@ def test_downsample_leaves_small_arrays_alone() -> None:
     assert (rs, cs) == (1, 1) and np.array_equal(pooled, a)
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    points=st.lists(
-        st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=25
-    ).filter(lambda p: len({x for x, _ in p}) == len(p) and len({y for _, y in p}) == len(p))
-)
-def test_pareto_front_is_the_set_of_non_dominated_points(points) -> None:
-    df = pd.DataFrame(points, columns=["bits", "err"], index=np.arange(len(points)) * 3 + 1)
-    front = plots.pareto_front(df, x="bits", y="err")
-    expected = [
-        not any(x2 < x and y2 < y for x2, y2 in points) for x, y in points
-    ]  # distinct coordinates: weak and strict dominance agree
-    assert front.tolist() == expected
+def test_downsample_refuses_a_non_matrix_with_a_tensor_error() -> None:
+    with pytest.raises(TensorError, match="2-D array"):
+        plots.downsample(np.zeros((2, 3, 4)))
 
 
 def test_heatmaps_share_one_scale_for_values_and_one_for_errors() -> None:
@@ -76,3 +68,20 @@ def test_error_lines_plot_the_mean_per_setting() -> None:
     lines = {t.name: (list(t.x), list(t.y)) for t in fig.data}
     assert lines["keys"][0] == [0, 4] and np.allclose(lines["keys"][1], [0.3, 0.2])
     assert lines["values"][0] == [0, 4] and np.allclose(lines["values"][1], [0.5, 0.25])
+
+
+def test_readable_axes_and_distinct_lines() -> None:
+    """Log axes read 1-2-5 (not "5, 2, 100, 5, 2, 10"), head maps tick integers, and two lines
+    get two far-apart colours and dashes (Streamlit's theme would draw two blues)."""
+    ticks = plots.log_ticks([0.03, 0.5, 4.0])
+    assert ticks["ticktext"][:6] == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5"]
+    assert plots.log_ticks(np.logspace(-6, 2, 9))["ticktext"][:3] == ["1e-06", "1e-05", "0.0001"]
+    assert "0.3" in plots.log_ticks([0.15, 0.35])["ticktext"]  # within a decade: 0.2, 0.3
+    fig = plots.fig_spectrum({"tensor": np.logspace(2, 0, 20), "residual": np.logspace(1, -1, 20)})
+    assert list(fig.layout.yaxis.ticktext)[:3] == ["0.1", "0.2", "0.5"]
+    a, b = fig.data
+    assert a.line.color != b.line.color and a.line.dash != b.line.dash
+    heads = plots.fig_layer_map(np.ones((4, 3)), rows=range(4), title="t", x_title="kv head")
+    assert heads.layout.xaxis.dtick == 1 and heads.layout.xaxis.tick0 == 0
+    channels = plots.fig_layer_map(np.ones((4, 64)), rows=range(4), title="t", x_title="channel")
+    assert channels.layout.xaxis.dtick == 4

@@ -1,4 +1,5 @@
-"""Configs, presets and the shared CLI flags (gear_lab.compression.presets, gear_lab.cli._method_args)."""
+"""Configs, presets and the shared CLI flags (gear_lab.compression.config / .presets,
+gear_lab.cli._method_args)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
-from gear_lab.compression import CompressionConfig, TensorCompression, get_preset, list_presets
+from gear_lab.compression import (
+    CompressionConfig,
+    TensorCompression,
+    config_label,
+    get_preset,
+    list_presets,
+    preset_descriptions,
+    with_overrides,
+)
 from gear_lab.errors import ConfigError
+from gear_lab.sweeps import parse_grid
 
 PRESETS = ["gear", "gear-l", "gear-kcvt", "kcvt", "kivi", "outlier-quant", "quant", "fp8", "none"]
 
@@ -37,9 +47,12 @@ tensor_configs = st.builds(
     block_size=st.one_of(st.none(), st.integers(1, 256)),
     prefill_rank=st.one_of(st.none(), st.integers(0, 8)),
     name=st.text(max_size=10),
+    preset=st.one_of(st.none(), st.sampled_from(PRESETS)),
 )
-def test_configs_round_trip_through_dict_and_json(keys, values, block_size, prefill_rank, name):
-    config = CompressionConfig(keys, values, block_size, prefill_rank, name)
+def test_configs_round_trip_through_dict_and_json(
+    keys, values, block_size, prefill_rank, name, preset
+):
+    config = CompressionConfig(keys, values, block_size, prefill_rank, name, preset)
     assert CompressionConfig.from_dict(config.to_dict()) == config
     assert CompressionConfig.from_json(config.to_json()) == config
     assert json.loads(config.to_json()) == config.to_dict()
@@ -50,7 +63,7 @@ def test_every_preset_is_listed_valid_and_round_trips():
     assert list_presets() == PRESETS
     for name in PRESETS:
         config = get_preset(name)
-        assert config.name == name
+        assert config.name == config.preset == name
         assert CompressionConfig.from_json(config.to_json()) == config
     gear = get_preset("gear")
     assert (gear.keys.bits, gear.keys.group_size, gear.keys.outliers, gear.keys.rank) == (
@@ -128,7 +141,8 @@ def test_preset_overrides():
     assert (config.keys.rank, config.values.rank) == (1, 4)
     assert (config.keys.group_size, config.values.group_size) == (64, None)
     assert config.block_size == 64
-    assert config.name == "gear[bits=2,key_rank=1,value_group_size=None,block_size=64]"
+    assert config.name == "gear (bits=2, value_group_size=none, key_rank=1, block_size=64)"
+    assert config.preset == "gear"
     assert get_preset("gear", name="mine").name == "mine"
     with pytest.raises(ConfigError, match="known: gear, gear-l"):
         get_preset("gaer")
@@ -136,6 +150,39 @@ def test_preset_overrides():
         get_preset("gear", bitz=2)
     with pytest.raises(ConfigError, match="bits must be"):
         get_preset("gear", value_bits=12)
+
+
+def test_old_dicts_without_a_preset_still_load():
+    data = get_preset("gear", bits=2).to_dict()
+    del data["preset"]
+    data["name"] = "gear[bits=2]"  # the old label format, never parsed
+    config = CompressionConfig.from_dict(data)
+    assert config.preset is None and config.name == "gear[bits=2]"
+    assert config_label(config) == "gear[bits=2]"  # a hand-built config keeps its name
+    assert with_overrides(config, rank=2).name == "gear[bits=2]"
+
+
+def test_labels_name_what_differs_from_the_preset():
+    gear = get_preset("gear", bits=2)
+    assert gear.name == config_label(gear) == "gear (bits=2)"
+    assert get_preset("gear", bits=4).name == "gear"  # the preset's own value: nothing differs
+    varied = with_overrides(gear, bits=8)  # the studio's sweeps vary one setting like this
+    assert varied == get_preset("gear", bits=8) and varied.name == "gear (bits=8)"
+    mixed = get_preset("kivi", value_bits=4, rotate=True, outliers=0.05, group_size=None)
+    assert mixed.name == "kivi (value_bits=4, group_size=none, outliers=0.05, rotate=true)"
+    assert with_overrides(get_preset("gear", name="mine"), bits=2).name == "mine"
+    # a label's settings are overrides that rebuild the config from its preset
+    preset, _, rest = mixed.name.partition(" (")
+    text = ";".join(part.strip() for part in rest.rstrip(")").split(","))
+    overrides = {k: v[0] for k, v in parse_grid(text).items()}
+    assert get_preset(preset, **overrides) == mixed
+
+
+def test_preset_descriptions_list_every_preset_with_its_settings():
+    lines = preset_descriptions()
+    assert list(lines) == PRESETS
+    assert lines["kivi"].endswith("(bits=2, group_size=32, block_size=64)")
+    assert lines["none"] == "no compression (full precision)"
 
 
 def test_for_kind_and_prefill_rank():
@@ -217,6 +264,9 @@ def test_cli_flags_become_preset_overrides():
         get_preset("gear", value_factor_dtype="int8")
     fp8 = config_from_args(parse(["--method", "fp8", "--value-fp8-scale", "tensor"]))
     assert (fp8.keys.fp8_scale, fp8.values.fp8_scale) == ("group", "tensor")
+    e5m2 = config_from_args(parse(["--method", "quant", "--bits", "none", "--key-fp8", "e5m2"]))
+    assert (e5m2.keys.fp8, e5m2.keys.bits, e5m2.values.fp8) == ("e5m2", None, None)
+    assert config_from_args(parse(["--method", "kivi", "--block-size", "none"])).block_size is None
 
 
 def test_cli_bad_values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ import gear_lab.sweeps as sweep_module
 from gear_lab import metrics, open_dump
 from gear_lab.compression import compress, get_preset
 from gear_lab.errors import ConfigError
-from gear_lab.sweeps import ATTENTION_COLUMNS, expand_grid, parse_grid, sweep
+from gear_lab.sweeps import ATTENTION_COLUMNS, expand_grid, pareto_front, parse_grid, sweep
 
 
 def test_rows_columns_and_measured_sizes(smol_dump):
@@ -132,13 +134,14 @@ def test_identity_whole_layer_and_nan_attention(smol_dump):
 def test_expand_grid():
     configs = expand_grid({"method": ["gear", "kivi"], "bits": [2, 4], "rank": 2})
     assert [c.name for c in configs] == [
-        "gear[bits=2,rank=2]",
-        "gear[bits=4,rank=2]",
-        "kivi[bits=2,rank=2]",
-        "kivi[bits=4,rank=2]",
+        "gear (bits=2, rank=2)",
+        "gear (rank=2)",
+        "kivi (rank=2)",
+        "kivi (bits=4, rank=2)",
     ]
+    assert [c.preset for c in configs] == ["gear", "gear", "kivi", "kivi"]
     assert configs[3].values.bits == 4 and configs[3].keys.rank == 2
-    assert [c.name for c in expand_grid({"bits": [3]})] == ["gear[bits=3]"]
+    assert [c.name for c in expand_grid({"bits": [3]})] == ["gear (bits=3)"]
     with pytest.raises(ConfigError, match="unknown preset override"):
         expand_grid({"bitz": [2]})
     with pytest.raises(ConfigError, match="no values"):
@@ -188,3 +191,53 @@ def test_bad_sweep_input(smol_dump):
         sweep(smol_dump, ["gear"], progress=False)
     with pytest.raises(ConfigError, match="no config"):
         sweep(smol_dump, [], progress=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    points=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=25
+    ).filter(lambda p: len({x for x, _ in p}) == len(p) and len({y for _, y in p}) == len(p))
+)
+def test_pareto_front_is_the_set_of_non_dominated_points(points) -> None:
+    df = pd.DataFrame(points, columns=["bits", "err"], index=np.arange(len(points)) * 3 + 1)
+    front = pareto_front(df, x="bits", y="err")
+    expected = [
+        not any(x2 < x and y2 < y for x2, y2 in points) for x, y in points
+    ]  # distinct coordinates: weak and strict dominance agree
+    assert front.tolist() == expected
+
+
+def test_dumps_share_one_table(smol, smol_dump, tmp_path):
+    from gear_lab import capture_dump
+
+    # a second dump of fewer layers and no queries: its attention columns are NaN
+    small = capture_dump(
+        tmp_path / "small.h5",
+        corpus="pydoc",
+        max_tokens=64,
+        layers=[0, 1],
+        progress=False,
+        loaded=smol,
+    )
+    grid = {"bits": [2, 4]}
+    options = dict(layers="0-1", heads=[0], progress=False)
+    both = sweep([smol_dump, small], grid, **options)
+    assert list(both.columns[:3]) == ["model", "dump", "sample"]
+    assert (both["model"] == "smollm2-135m").all()
+    assert list(both["dump"].unique()) == [str(smol_dump), str(small)]
+    for path in (smol_dump, small):
+        alone = sweep(path, grid, **options)
+        part = both[both["dump"] == str(path)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, alone)
+    assert both.loc[both["dump"] == str(small), "output_rel"].isna().all()
+    assert both.loc[both["dump"] == str(smol_dump), "output_rel"].notna().all()
+    # a selection is checked against every dump; a dump is given once
+    with pytest.raises(ConfigError, match=r"small\.h5: layer 2 out of range"):
+        sweep([smol_dump, small], grid, layers=[2], progress=False)
+    with pytest.raises(ConfigError, match="holds no 'keys_pre_rope'"):
+        sweep([smol_dump, small], grid, kinds=("keys_pre_rope",), progress=False)
+    with pytest.raises(ConfigError, match="given twice"):
+        sweep([small, str(small)], grid, progress=False)
+    with pytest.raises(ConfigError, match="no dump"):
+        sweep([], grid, progress=False)

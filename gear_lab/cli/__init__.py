@@ -4,7 +4,8 @@
 package (found by name, so adding a command is adding a file), which exposes
 ``register(subparsers)`` and sets ``func`` on its parser. ``capture.py`` is the separate
 ``gear-capture`` entry point; modules starting with ``_`` hold shared argument helpers. Errors that a user can
-cause (:class:`gear_lab.errors.GearLabError`) print one line on stderr and exit with code 2.
+cause (:class:`gear_lab.errors.GearLabError`) print one line on stderr and exit with code 2;
+SIGTERM and SIGHUP unwind like Ctrl-C (so no partial output stays) and exit with 128 + signal.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from gear_lab.errors import GearLabError
 
@@ -27,6 +32,40 @@ def _command_modules() -> list[str]:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every cleanup (atomic writes) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_TERMINATING = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM / SIGHUP raise :class:`Terminated` (once: a repeat during
+    the cleanup is ignored). Only the main thread can take signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        for sig in _TERMINATING:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _TERMINATING}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int | None] | None = getattr(args, "func", None)
@@ -34,10 +73,14 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(func(args) or 0)
+        with _terminate_as_interrupt():
+            return int(func(args) or 0)
     except GearLabError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated as err:
+        print(f"{parser.prog}: terminated by {err}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

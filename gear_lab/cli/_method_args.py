@@ -1,97 +1,114 @@
-"""Shared ``--method`` / ``--bits`` / ... flags of ``gear-lab eval``, ``sweep``, ``check``, ``ppl``.
+"""Shared ``--method`` / ``--bits`` / ... flags of ``gear-lab eval``, ``check``, ``ppl``.
 
-Flag names follow the config fields (``--group-size`` is ``group_size``); each per-tensor flag
-also has ``--key-*`` and ``--value-*`` variants that override it for keys or values only.
+The flags are generated from the settings table (:data:`gear_lab.compression.config.TENSOR_SETTINGS`
+and ``CONFIG_SETTINGS``), as the studio's widgets are: flag names follow the config fields
+(``--group-size`` is ``group_size``), and each per-tensor flag also has ``--key-*`` and
+``--value-*`` variants that override it for keys or values only.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
-from gear_lab.compression.presets import (
-    AXES,
-    FACTOR_DTYPES,
-    FP8_SCALES,
-    LOWRANK_METHODS,
-    OUTLIER_MODES,
+from gear_lab.cli._help import HelpFormatter
+from gear_lab.compression.config import (
+    CONFIG_SETTINGS,
+    TENSOR_SETTINGS,
     CompressionConfig,
-    get_preset,
-    list_presets,
+    Setting,
 )
+from gear_lab.compression.presets import get_preset, list_presets, preset_descriptions
+
+NONE = "none"  # how None is spelled on the command line (kept as the string until parsed)
+PREFIXES = ("key_", "value_")
 
 
-def _int_or_none(text: str) -> int | str:
-    """An integer, or ``none`` (kept as the string until :func:`config_from_args`)."""
-    if text.lower() == "none":
-        return "none"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+def presets_help() -> str:
+    """The preset list of ``--help``: one ``  name  description (settings)`` line each."""
+    width = max(map(len, list_presets())) + 2
+    lines = [f"  {name:<{width}}{text}" for name, text in preset_descriptions().items()]
+    return "presets (--method):\n\n" + "\n".join(lines)
 
 
-# field -> (argparse keyword arguments, help); shared and --key-*/--value-* variants
-_TENSOR_FLAGS: dict[str, dict[str, Any]] = {
-    "bits": {"type": int, "help": "quantization bits, 1..8"},
-    "group_size": {"type": _int_or_none, "help": "group size, or 'none' for the whole axis"},
-    "axis": {"choices": AXES, "help": "quantization grouping axis"},
-    "outliers": {"type": float, "help": "outlier fraction s per vector, in [0, 1)"},
-    "outlier_mode": {"choices": OUTLIER_MODES, "help": "outliers by sign or by magnitude"},
-    "outlier_axis": {"choices": AXES, "help": "outliers per token vector or per channel vector"},
-    "rank": {"type": int, "help": "low-rank correction rank per [seq, head_dim] matrix"},
-    "lowrank": {"choices": LOWRANK_METHODS, "help": "low-rank method"},
-    "loops": {"type": int, "help": "power-iteration loops"},
-    "seed": {"type": int, "help": "seed of power iteration and rotation"},
-    "fp8_scale": {
-        "choices": FP8_SCALES,
-        "help": "fp8 scale per group or per [seq, head_dim] matrix",
-    },
-    "factor_dtype": {
-        "choices": FACTOR_DTYPES,
-        "help": "storage dtype of the kept low-rank factors",
-    },
-    "rotate": {
-        "action": argparse.BooleanOptionalAction,
-        "help": "Hadamard rotation of head_dim before quantization",
-    },
-}
+def _number(setting: Setting) -> Callable[[str], int | float | str]:
+    """argparse ``type`` of a numeric setting: its number, or ``none`` where None is allowed."""
+
+    def parse(text: str) -> int | float | str:
+        if setting.optional and text.lower() == NONE:
+            return NONE
+        try:
+            return setting.kind(text)
+        except ValueError:
+            what = "an integer" if setting.kind is int else "a number"
+            alternative = f" or {NONE!r}" if setting.optional else ""
+            raise argparse.ArgumentTypeError(
+                f"expected {what}{alternative}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _flag_name(field: str) -> str:
+    """``group_size`` -> ``--group-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def _flag(setting: Setting) -> dict[str, Any]:
+    """argparse keyword arguments of a setting's flag."""
+    help_text = setting.help
+    if setting.optional:
+        help_text += f"; {NONE!r}: {setting.none_means}"
+    if setting.kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "help": help_text}
+    if setting.choices:
+        choices = (*setting.choices, NONE) if setting.optional else setting.choices
+        return {"choices": choices, "help": help_text}
+    return {"type": _number(setting), "help": help_text}
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """Add the compression flags (all optional; unset flags keep the preset's values)."""
+    """Add the compression flags (all optional; unset flags keep the preset's values) and the
+    preset list to ``parser``'s description (its ``formatter_class`` becomes :class:`HelpFormatter`)."""
+    parser.formatter_class = HelpFormatter
+    parser.description = "\n\n".join(filter(None, (parser.description, presets_help())))
     group = parser.add_argument_group("compression method")
     group.add_argument(
-        "--method", default="gear", choices=list_presets(), help="preset (default: gear)"
+        "--method",
+        default="gear",
+        choices=list_presets(),
+        help="preset, see the list above (default: gear)",
     )
-    group.add_argument(
-        "--block-size",
-        type=_int_or_none,
-        help="compress blocks of this many tokens; a trailing partial block stays full precision",
+    for setting in (*TENSOR_SETTINGS, *CONFIG_SETTINGS):
+        group.add_argument(_flag_name(setting.name), default=None, **_flag(setting))
+    overrides = parser.add_argument_group(
+        "per-tensor overrides",
+        f"Every flag above from {_flag_name(TENSOR_SETTINGS[0].name)} to "
+        f"{_flag_name(TENSOR_SETTINGS[-1].name)} also comes as --key-X and --value-X (e.g. "
+        "--key-bits 4 --value-bits 2): it then sets keys or values only and wins over the shared "
+        "flag.",
     )
-    group.add_argument("--prefill-rank", type=int, help="rank used for the prompt by a cache")
-    for field, spec in _TENSOR_FLAGS.items():
-        flag = field.replace("_", "-")
-        for prefix, who in (("", "keys and values"), ("key-", "keys"), ("value-", "values")):
-            dest = prefix.replace("-", "_") + field
-            group.add_argument(
-                f"--{prefix}{flag}",
-                dest=dest,
+    for setting in TENSOR_SETTINGS:
+        for prefix in PREFIXES:
+            overrides.add_argument(
+                _flag_name(prefix + setting.name),
+                dest=prefix + setting.name,
                 default=None,
-                **{**spec, "help": f"{spec['help']} ({who})" if prefix else spec["help"]},
+                **{**_flag(setting), "help": argparse.SUPPRESS},
             )
 
 
 def config_from_args(args: argparse.Namespace) -> CompressionConfig:
     """The :class:`CompressionConfig` of ``--method`` with every given flag as an override
     (:func:`gear_lab.compression.get_preset`); bad values raise :class:`ConfigError`."""
-    names = ["block_size", "prefill_rank"]
-    names += [p + f for f in _TENSOR_FLAGS for p in ("", "key_", "value_")]
+    names = [s.name for s in CONFIG_SETTINGS]
+    names += [p + s.name for s in TENSOR_SETTINGS for p in ("", *PREFIXES)]
     overrides = {}
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
-            overrides[name] = None if value == "none" else value
+            overrides[name] = None if value == NONE else value
     return get_preset(args.method, **overrides)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gear_lab.capture import CORPORA
-from gear_lab.models import DEFAULT_MODEL
+from gear_lab.constants import DEFAULT_MODEL
+from gear_lab.corpus import CORPORA
 
 
 def build_capture_parser() -> argparse.ArgumentParser:

@@ -1,21 +1,30 @@
-"""``gear-lab sweep DUMP --grid ... --out FILE``: a grid of methods over a dump -> CSV / Parquet.
+"""``gear-lab sweep DUMP [DUMP ...] --grid ... --out FILE``: a grid of methods over one or more
+dumps -> one CSV / Parquet table (``model`` and ``dump`` columns tell the dumps apart).
 
 Grid grammar (see :func:`gear_lab.sweeps.parse_grid`): ``NAME=V1,V2,...`` entries joined by
-``;``, where NAME is ``method`` or a preset override (``bits``, ``group-size``, ``rank``,
-``outliers``, ``key-bits``, ``block-size``, ...); values are integers, floats, ``none``,
-``true``/``false`` or words. Every combination is one config, e.g.
-``--method gear --grid 'bits=2,4;rank=0,2,4'`` -> six configs.
+semicolons, where NAME is ``method`` or any setting of ``gear-lab eval``'s flags (``bits``,
+``group-size``, ``rank``, ``outliers``, ``fp8``, ``factor-dtype``, ``key-bits``, ``block-size``,
+...); values are integers, floats, ``none``, ``true``/``false`` or words. Every combination is
+one config, e.g. ``--method gear --grid 'bits=2,4;rank=0,2,4'`` -> six configs.
+
+``--executor ray`` runs one task per (dump, sample, layer) on a Ray cluster (``--address``; default:
+a local one) and keeps each finished task in ``--shards DIR``, so a rerun resumes; the table is the
+same as the serial one, row for row.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gear_lab.cli._method_args import add_dump_work_args, dump_work_from_args
-from gear_lab.errors import ConfigError
+from gear_lab.cli._help import HelpFormatter, plain
+from gear_lab.cli._method_args import add_dump_work_args, dump_work_from_args, presets_help
+from gear_lab.errors import ConfigError, OutputError
+from gear_lab.executors import EXECUTORS, RayExecutor
+from gear_lab.files import atomic_write, check_output
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,11 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` subcommand."""
     parser = subparsers.add_parser(
         "sweep",
-        help="run a grid of methods over a dump; write one tidy row per head/kind/config",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run a grid of methods over dumps; write one tidy row per head/kind/config",
+        description=plain(__doc__.split("\n\n", 1)[1]) + "\n\n" + presets_help(),
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("dump", metavar="DUMP", help="a dump written by gear-capture")
+    parser.add_argument(
+        "dumps", metavar="DUMP", nargs="+", help="dumps written by gear-capture (one table)"
+    )
     parser.add_argument(
         "--grid", required=True, help="e.g. 'bits=2,4;rank=0,2,4' (NAME=V1,V2;NAME=...)"
     )
@@ -47,68 +58,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_dump_work_args(parser)
-    parser.add_argument("--samples", default="0", help="sample indices, e.g. 0,1 (default: 0)")
-    parser.add_argument("--heads", help="KV-head indices, e.g. 0,2 (default: all)")
+    parser.add_argument("--samples", default="0", help="sample indices, e.g. 0,2-3 (default: 0)")
+    parser.add_argument("--heads", help="KV-head indices, e.g. 0,2-3 (default: all)")
     parser.add_argument(
         "--no-attention", action="store_true", help="skip the attention metrics (faster)"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="serial",
+        help="where tasks run: this process, or Ray (pip install 'gear-lab[ray]')",
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)"
+    )
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        help="folder for the per-task Parquet shards of --executor ray; a rerun resumes from it",
     )
     parser.set_defaults(func=run)
 
 
-def _ints(name: str, text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"bad --{name} {text!r}: expected comma-separated integers") from None
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an unknown format, a missing folder, or an existing file without ``overwrite``."""
-    if out.suffix.lower() not in FORMATS:
+def check_out(out: Path, overwrite: bool) -> Path:
+    """Before any work: a known format (Parquet needs pyarrow) and a target
+    :func:`gear_lab.files.check_output` accepts (an existing folder that takes files)."""
+    suffix = out.suffix.lower()
+    if suffix not in FORMATS:
         raise ConfigError(f"--out must end in {' or '.join(FORMATS)}, got {out.name!r}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"output folder {str(out.parent)!r} does not exist")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError("Parquet output needs pyarrow; pip install pyarrow, or use .csv")
+    return check_output(out, overwrite=overwrite)
+
+
+def _write(df: pd.DataFrame, out: Path) -> None:
+    with atomic_write(out) as tmp:
+        if out.suffix.lower() == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
 
 
 def write_table(df: pd.DataFrame, out: Path) -> None:
-    """Write ``df`` to ``out`` (CSV or Parquet) through a temporary file and an atomic rename."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    """Write ``df`` to ``out`` (CSV or Parquet) atomically. When that fails (a full disk, a
+    folder gone meanwhile) the rows are kept as a CSV in a new temporary folder, named in the
+    :class:`OutputError`, so the sweep's work is not lost."""
     try:
-        if out.suffix.lower() == ".parquet":
-            try:
-                df.to_parquet(tmp, index=False)
-            except ImportError as err:
-                raise ConfigError(f"Parquet output needs pyarrow ({err})") from None
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _write(df, out)
+    except OutputError as err:
+        kept = Path(tempfile.mkdtemp(prefix="gear-lab-sweep-")) / f"{out.stem}.csv"
+        try:
+            _write(df, kept)
+        except OutputError:
+            raise OutputError(f"{err}; the results could not be kept anywhere") from err
+        raise OutputError(f"{err}; the results are kept in {kept}") from err
 
 
 def run(args: argparse.Namespace) -> int:
     """Parse the grid, run the sweep with a progress bar, write the table."""
     from gear_lab.sweeps import parse_grid, sweep
 
-    check_out(args.out, args.overwrite)
+    out = check_out(args.out, args.overwrite)
+    if args.executor != "ray" and (args.address is not None or args.shards is not None):
+        raise ConfigError("--address and --shards go with --executor ray")
     grid = parse_grid(args.grid)
     if args.method is not None:
         if "method" in grid:
             raise ConfigError("give the preset either with --method or as method=... in --grid")
         grid["method"] = [m.strip() for m in args.method.split(",") if m.strip()]
+    executor = RayExecutor(args.address, args.shards) if args.executor == "ray" else None
     df = sweep(
-        args.dump,
+        args.dumps,
         grid,
-        samples=_ints("samples", args.samples),
-        heads=_ints("heads", args.heads),
+        samples=args.samples,
+        heads=args.heads,
         attention=not args.no_attention,
+        executor=executor,
         **dump_work_from_args(args),
     )
-    write_table(df, args.out)
+    write_table(df, out)
     configs = df["config_index"].nunique()
-    print(f"wrote {len(df)} rows ({configs} configs) to {args.out}")
+    print(f"wrote {len(df)} rows ({configs} configs) to {out}")
     return 0

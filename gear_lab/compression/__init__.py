@@ -1,17 +1,19 @@
 """KV-cache compression methods: GEAR (Kang et al. 2024) ``X_hat = D + L + S`` and its
-neighbours (KIVI, KCVT, FP8), one building block per module, composed in :mod:`.gear` and
-named in :mod:`.presets`. Tensors are ``[batch, kv_heads, seq, head_dim]``.
+neighbours (KIVI, KCVT, FP8), one building block per module, composed in :mod:`.gear`,
+configured by :mod:`.config` and named in :mod:`.presets`. Tensors are ``[batch, kv_heads, seq, head_dim]``.
 """
 
+from gear_lab.compression.config import CompressionConfig, TensorCompression
 from gear_lab.compression.fp8 import Fp8Tensor, fp8_quantize
 from gear_lab.compression.gear import Compressed, compress, compress_ranks
 from gear_lab.compression.lowrank import LowRank, power_lowrank, svd_lowrank
 from gear_lab.compression.outliers import Outliers, extract_outliers, index_dtype, outlier_count
 from gear_lab.compression.presets import (
-    CompressionConfig,
-    TensorCompression,
+    config_label,
     get_preset,
     list_presets,
+    preset_descriptions,
+    with_overrides,
 )
 from gear_lab.compression.quantize import (
     Quantized,
@@ -32,6 +34,7 @@ __all__ = [
     "TensorCompression",
     "compress",
     "compress_ranks",
+    "config_label",
     "extract_outliers",
     "fp8_quantize",
     "get_preset",
@@ -41,10 +44,12 @@ __all__ = [
     "outlier_count",
     "pack_codes",
     "power_lowrank",
+    "preset_descriptions",
     "quantize",
     "quantize_reconstruct",
     "rotate",
     "svd_lowrank",
     "unpack_codes",
     "unrotate",
+    "with_overrides",
 ]

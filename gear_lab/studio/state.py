@@ -14,8 +14,13 @@ widget block. Errors a user can cause (:class:`gear_lab.errors.GearLabError`) ar
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import math
 import os
+import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,22 +33,26 @@ import streamlit as st
 import torch
 
 from gear_lab import metrics
-from gear_lab.compression import CompressionConfig, compress, get_preset, list_presets
+from gear_lab.compression import CompressionConfig, compress, get_preset, preset_descriptions
+from gear_lab.compression.config import (
+    CONFIG_SETTINGS,
+    TENSOR_SETTINGS,
+    Setting,
+    format_value,
+)
+from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.dump import open_dump
-from gear_lab.errors import DumpError, GearLabError
+from gear_lab.errors import DumpError, GearLabError, OutputError
+from gear_lab.files import atomic_write
 from gear_lab.studio import DUMP_ENV
 from gear_lab.sweeps import sweep
 
 DUMP_KEY = "dump_path"  # session-state key of the dump chosen on the Dumps page
 DUMPS_DIR = Path("dumps")
-UPLOAD_DIR = Path(tempfile.gettempdir()) / "gear-lab-uploads"
-MODEL = "smollm2-135m"
+UPLOAD_PREFIX = "gear-lab-uploads-"  # of this process's private upload folder (mkdtemp)
 
-# widget choices; names follow the library's one-name-per-concept convention
-BITS = list(range(1, 9))
-GROUP_SIZES = [None, 8, 16, 32, 64, 128]
-BLOCK_SIZES = [None, 16, 32, 64, 128, 256]
-MAX_RANK = 32
+# the settings of the method widgets, by name: the same table the CLI flags come from
+SETTINGS: dict[str, Setting] = {s.name: s for s in (*TENSOR_SETTINGS, *CONFIG_SETTINGS)}
 
 
 # --------------------------------------------------------------------------- errors
@@ -109,21 +118,59 @@ def require_dump() -> tuple[tuple[str, float], dict[str, Any]]:
     return key, info
 
 
-def save_upload(name: str, data: bytes, limit_mb: int) -> Path:
-    """Write an uploaded file to a temporary ``.h5`` (atomically) and validate it as a dump.
+_upload_dir: Path | None = None  # made on the first upload, see upload_dir()
 
-    Uploads are only ever read as HDF5 through :func:`open_dump` (never unpickled); one over
-    ``limit_mb`` or not a valid dump raises :class:`DumpError` and leaves no file behind.
+
+def upload_dir() -> Path:
+    """This process's private upload folder: made by ``tempfile.mkdtemp`` (a fresh random name,
+    mode 0700) on first use, made anew if it stops being a private folder of this user, and
+    removed when the process exits."""
+    global _upload_dir
+    if _upload_dir is None or not _is_private_dir(_upload_dir):
+        _upload_dir = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX))
+        atexit.register(shutil.rmtree, _upload_dir, ignore_errors=True)
+    return _upload_dir
+
+
+def _is_private_dir(folder: Path) -> bool:
+    """A real folder (not a symlink) owned by this user, with no group / other permissions."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
+
+
+def upload_name(name: str, digest: str) -> str:
+    """The plain file name an upload named ``name`` is stored under: ``<stem>-<digest>.h5``,
+    the stem reduced to ``[A-Za-z0-9_.-]`` of the last path part. A name holding NUL or a
+    ``..`` part, or with no usable stem, raises :class:`DumpError`."""
+    parts = re.split(r"[\\/]", name)
+    stem = re.sub(r"[^\w.-]+", "-", Path(parts[-1]).stem, flags=re.ASCII).strip(".-")
+    if "\0" in name or ".." in parts or not stem:
+        raise DumpError(f"invalid upload file name {name!r:.80}")
+    return f"{stem[:80]}-{digest}.h5"
+
+
+def save_upload(name: str, data: bytes, limit_mb: int) -> Path:
+    """Store an uploaded file in :func:`upload_dir` (atomically) and validate it as a dump.
+
+    Uploads are only ever read as HDF5 through :func:`open_dump` (never unpickled); a bad name,
+    one over ``limit_mb`` or not a valid dump raises :class:`DumpError` and leaves no file
+    behind. Files are created exclusively and without following symlinks (see
+    ``docs/security.md``).
     """
     if len(data) > limit_mb * 2**20:
         raise DumpError(
-            f"{name} is {len(data) / 2**20:.1f} MB, over the {limit_mb} MB upload limit"
+            f"{name!r:.80} is {len(data) / 2**20:.1f} MB, over the {limit_mb} MB upload limit"
         )
-    UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    out = UPLOAD_DIR / f"{Path(name).stem}-{hashlib.sha256(data).hexdigest()[:12]}.h5"
-    part = out.with_name(out.name + ".part")
-    part.write_bytes(data)
-    os.replace(part, out)
+    folder = upload_dir()
+    out = folder / upload_name(name, hashlib.sha256(data).hexdigest()[:12])
+    try:  # a new exclusive temporary file, renamed over a link at ``out``, never through it
+        with atomic_write(out) as part:
+            part.write_bytes(data)
+    except OutputError as err:
+        raise DumpError(f"cannot store the upload: {err}") from None
     try:
         open_dump(out).close()
     except GearLabError:
@@ -278,15 +325,36 @@ def sweep_layer(
     )
 
 
-@st.cache_resource(show_spinner="Loading the model (once per server)...")
-def model(name: str = MODEL) -> tuple[Any, Any]:
+# one model held at a time: Qwen2.5-Coder-1.5B alone takes 7 GiB at float32
+@st.cache_resource(show_spinner="Loading the model (once per server)...", max_entries=1)
+def model(name: str = DEFAULT_MODEL) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from :func:`gear_lab.load_model`, loaded once per process."""
     from gear_lab import load_model
 
     return load_model(name, device="auto")
 
 
+@st.cache_data(ttl=60, show_spinner=False)
+def installed_models() -> list[str]:
+    """Registry models whose packages are installed, the default first."""
+    from gear_lab.models import list_models
+
+    names = [info.name for info in list_models() if info.installed]
+    return sorted(names, key=lambda name: name != DEFAULT_MODEL)
+
+
 # --------------------------------------------------------------------------- widgets
+
+
+def model_picker(key: str, container: Any = st) -> str:
+    """A registry-model selectbox (installed models; the default first); returns the name."""
+    return container.selectbox(
+        "model",
+        installed_models() or [DEFAULT_MODEL],
+        key=key,
+        help="registry models whose packages are installed (`gear-lab models`); "
+        "the first use converts a model once, later loads are fast",
+    )
 
 
 def data_selectors(
@@ -319,69 +387,96 @@ def data_selectors(
     return out
 
 
-def _with(options: list[Any], value: Any) -> list[Any]:
-    """``options`` plus ``value`` when a preset uses a value the widget does not list."""
-    return options if value in options else [*options, value]
+def offered(name: str) -> list[int]:
+    """The numbers the studio offers for the integer setting ``name`` (its steps or its span)."""
+    setting = SETTINGS[name]
+    if setting.steps or setting.span is None:
+        return list(setting.steps)
+    low, high, step = map(int, setting.span)
+    return list(range(low, high + 1, step))
+
+
+def _widget(where: Any, setting: Setting, label: str, value: Any, key: str, none_means: str) -> Any:
+    """The widget of one setting (:data:`SETTINGS`), starting at ``value``: a checkbox (bool), a
+    select box (choices), a select slider (steps), a slider (span) or a number input."""
+    options: list[Any] = [None] if setting.optional else []
+
+    def shown(v: Any) -> str:
+        return none_means if v is None else format_value(v)
+
+    common = {"label": label, "key": key, "help": setting.help}
+    if setting.kind is bool:
+        return where.checkbox(value=bool(value), **common)
+    if setting.choices:
+        options += setting.choices
+        return where.selectbox(
+            options=options, index=options.index(value), format_func=shown, **common
+        )
+    if setting.steps:  # a preset's value off the ladder joins it, in order
+        options += sorted({*setting.steps, *([] if value is None else [value])})
+        return where.select_slider(options=options, value=value, format_func=shown, **common)
+    if setting.span:
+        low, high, step = (setting.kind(v) for v in setting.span)
+        digits = max(0, -math.floor(math.log10(step))) if setting.kind is float else 0
+        return where.slider(
+            min_value=min(low, value),
+            max_value=max(high, value),
+            value=setting.kind(value),
+            step=step,
+            format=f"%.{digits}f" if digits else None,
+            **common,
+        )
+    return where.number_input(min_value=0, value=int(value), step=1, **common)
 
 
 def method_settings(
     prefix: str,
     *,
-    kind: str = "keys",
     preset: str = "gear",
     initial: Mapping[str, Any] | None = None,
     label: str = "method",
     no_block: str = "whole sequence",
 ) -> CompressionConfig | None:
-    """The shared method widget block: a preset and its parameters, returned as a config.
+    """The shared method widget block: a preset and one widget per setting of the settings
+    table (:data:`SETTINGS`, the table the CLI flags come from), returned as a config.
 
-    Widgets start at the preset's values for ``kind`` (``initial`` overrides them for the
-    default ``preset``; ``no_block`` names ``block_size=None``). Only values moved away from the
-    preset become overrides, so an untouched block is exactly ``get_preset(name)``. Bad
-    settings show one line and give None.
+    A per-tensor setting gets one widget for keys and values, or a ``key_*`` and a ``value_*``
+    widget where the preset sets them apart (``axis``). Widgets (keys
+    ``{prefix}-{preset}-{override}``) start at the preset's values (``initial`` overrides them for
+    the default ``preset``; ``no_block`` names ``block_size=None``); settings marked ``more`` sit
+    on a second tab. Only values moved away from the preset become overrides, so an untouched
+    block is exactly ``get_preset(name)``. Bad settings show one line and give None.
     """
-    presets = list_presets()
-    name = st.selectbox(label, presets, index=presets.index(preset), key=f"{prefix}-preset")
+    presets = preset_descriptions()
+    names = list(presets)
+    name = st.selectbox(
+        label,
+        names,
+        index=names.index(preset),
+        key=f"{prefix}-preset",
+        help="\n\n".join(f"**{n}**: {text}" for n, text in presets.items()),
+    )
     base = get_preset(name)
-    tc = base.for_kind(kind)
-    fields = ("bits", "group_size", "outliers", "rank", "loops", "rotate")
-    reference = {**{f: getattr(tc, f) for f in fields}, "block_size": base.block_size}
+    widgets: list[tuple[str, Setting]] = []  # (override name, setting)
+    reference: dict[str, Any] = {}  # override name -> the preset's value
+    for s in TENSOR_SETTINGS:
+        pair = getattr(base.keys, s.name), getattr(base.values, s.name)
+        split = (f"key_{s.name}", f"value_{s.name}")
+        sides = {s.name: pair[0]} if pair[0] == pair[1] else dict(zip(split, pair, strict=True))
+        widgets += [(o, s) for o in sides]
+        reference.update(sides)
+    widgets += [(s.name, s) for s in CONFIG_SETTINGS]
+    reference.update({s.name: getattr(base, s.name) for s in CONFIG_SETTINGS})
     start = {**reference, **(initial or {})} if name == preset else reference
     k = f"{prefix}-{name}"  # a new preset gets fresh widgets at its own defaults
+    none_means = {"block_size": no_block}
     chosen: dict[str, Any] = {}
-    c1, c2 = st.columns(2)
-    if start["bits"] is not None:
-        chosen["bits"] = c1.select_slider("bits", BITS, value=start["bits"], key=f"{k}-bits")
-    else:
-        c1.caption(f"bits: none ({tc.fp8 or 'no quantizer'})")
-    sizes = _with(GROUP_SIZES, start["group_size"])
-    chosen["group_size"] = c2.selectbox(
-        "group_size",
-        sizes,
-        index=sizes.index(start["group_size"]),
-        format_func=lambda g: "whole axis" if g is None else str(g),
-        key=f"{k}-group_size",
-    )
-    chosen["outliers"] = c1.slider(
-        "outliers (fraction)",
-        0.0,
-        0.2,
-        float(start["outliers"]),
-        step=0.005,
-        format="%.3f",
-        key=f"{k}-outliers",
-    )
-    chosen["rank"] = c2.slider("rank", 0, MAX_RANK, int(start["rank"]), key=f"{k}-rank")
-    chosen["loops"] = c1.slider("loops", 1, 10, int(start["loops"]), key=f"{k}-loops")
-    blocks = _with(BLOCK_SIZES, start["block_size"])
-    chosen["block_size"] = c2.selectbox(
-        "block_size",
-        blocks,
-        index=blocks.index(start["block_size"]),
-        format_func=lambda b: no_block if b is None else str(b),
-        key=f"{k}-block_size",
-    )
-    chosen["rotate"] = c1.checkbox("rotate", value=bool(start["rotate"]), key=f"{k}-rotate")
+    for tab, more in zip(st.tabs(["settings", "more settings"]), (False, True), strict=True):
+        columns = tab.columns(2)
+        shown = [(o, s) for o, s in widgets if s.more == more]
+        for i, (o, s) in enumerate(shown):
+            none = none_means.get(s.name, s.none_means)
+            chosen[o] = _widget(columns[i % 2], s, o, start[o], f"{k}-{o}", none)
     overrides = {f: v for f, v in chosen.items() if v != reference[f]}
     try:
         return get_preset(name, **overrides)

@@ -35,7 +35,7 @@ for name, col in zip(names, columns, strict=True):
         st.subheader(f"configuration {name}")
         with st.expander("settings", expanded=True):
             config = state.method_settings(
-                f"explorer-{name}", kind=kind, preset=preset, initial=initial, label="preset"
+                f"explorer-{name}", preset=preset, initial=initial, label="preset"
             )
         if config is None:
             continue
@@ -51,21 +51,31 @@ for name, col in zip(names, columns, strict=True):
         x = state.tensor(key, kind, layer, sample)[:, head : head + 1]
         head_m = metrics.reconstruction(x, torch.from_numpy(res["x_hat"][head : head + 1])[None])
         st.caption(f"`{config.name}`: layer {layer} {kind}, all {info['num_kv_heads']} heads")
-        c = st.columns(4)
-        c[0].metric("relative error", state.fmt(m["rel_fro"]), help="||X̂ - X||_F / ||X||_F")
-        c[1].metric("bits per entry", state.fmt(res["bits_per_entry"]), help="measured")
-        c[2].metric("smaller than fp16", f"{16 / res['bits_per_entry']:.2f}x")
-        c[3].metric("SNR (dB)", state.fmt(m["snr_db"]))
-        c = st.columns(4)
-        c[0].metric(f"head {head} rel. error", state.fmt(head_m["rel_fro"]))
-        c[1].metric("cosine", state.fmt(m["cosine"]))
-        c[2].metric("max |error|", state.fmt(m["max_abs"]))
+        shown = [
+            ("relative error", state.fmt(m["rel_fro"]), "||X̂ - X||_F / ||X||_F"),
+            ("bits per entry", state.fmt(res["bits_per_entry"]), "measured"),
+            ("smaller than fp16", f"{16 / res['bits_per_entry']:.2f}x", None),
+            ("SNR (dB)", state.fmt(m["snr_db"]), None),
+            (f"head {head} rel. error", state.fmt(head_m["rel_fro"]), None),
+            ("cosine", state.fmt(m["cosine"]), None),
+            ("max |error|", state.fmt(m["max_abs"]), None),
+        ]
         if attn is not None:
-            c[3].metric(
-                "attention KL",
-                state.fmt(attn["kl"]),
-                help=f"mean KL(p || p̂) over the query rows of KV head {head}'s query heads",
+            shown.append(
+                (
+                    "attention KL",
+                    state.fmt(attn["kl"]),
+                    f"mean KL(p || p̂) over the query rows of KV head {head}'s query heads",
+                )
             )
+        # half-width columns (compare mode) fit 2 metrics a row without cutting values ("0.083…")
+        per_row = 2 if compare else 4
+        for start in range(0, len(shown), per_row):
+            c = st.columns(per_row)
+            for col, (label, value, help_text) in zip(
+                c, shown[start : start + per_row], strict=False
+            ):
+                col.metric(label, value, help=help_text)
         total = max(res["nbytes"], 1)
         st.caption(
             f"measured {res['nbytes']:,} bytes for {res['numel']:,} entries: "

@@ -19,7 +19,7 @@ sel = state.data_selectors(info, "spectra")
 layer, sample, head, kind = sel["layer"], sel["sample"], sel["head"], sel["kind"]
 
 with st.expander("quantizer whose residual is analysed (its rank is marked)", expanded=False):
-    config = state.method_settings("spectra", kind=kind, initial={"bits": 2})
+    config = state.method_settings("spectra", initial={"bits": 2})
 if config is None:
     st.stop()
 share = st.slider("energy share", 0.50, 0.99, 0.90, step=0.01, key="spectra-share")

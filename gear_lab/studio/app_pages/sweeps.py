@@ -6,25 +6,23 @@ layer's sweep is cached, so a sweep interrupted by the user's next action resume
 
 from __future__ import annotations
 
-import dataclasses
-
 import pandas as pd
 import streamlit as st
 
 from gear_lab import plots
-from gear_lab.compression import CompressionConfig, get_preset, list_presets
+from gear_lab.compression import CompressionConfig, get_preset, list_presets, with_overrides
 from gear_lab.errors import GearLabError
 from gear_lab.studio import state
 from gear_lab.sweeps import ATTENTION_COLUMNS, RECONSTRUCTION_COLUMNS
 
 STUDIES = {
-    "rank": ("error vs rank", list(range(0, state.MAX_RANK + 1)), [0, 1, 2, 4, 8, 16]),
+    "rank": ("error vs rank", state.offered("rank"), [0, 1, 2, 4, 8, 16]),
     "outliers": (
         "error vs outlier fraction",
         [0.0, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2],
         [0.0, 0.005, 0.01, 0.02, 0.05, 0.1],
     ),
-    "bits": ("error vs bits", state.BITS, [2, 3, 4, 8]),
+    "bits": ("error vs bits", state.offered("bits"), [2, 3, 4, 8]),
     "pareto": (
         "Pareto front across presets",
         list_presets(),
@@ -32,16 +30,6 @@ STUDIES = {
     ),
 }
 PARETO_BITS = [2, 3, 4]
-
-
-def vary(config: CompressionConfig, field: str, value: object) -> CompressionConfig:
-    """``config`` with the :class:`TensorCompression` ``field`` set to ``value`` for keys and values."""
-    return dataclasses.replace(
-        config,
-        keys=dataclasses.replace(config.keys, **{field: value}),
-        values=dataclasses.replace(config.values, **{field: value}),
-        name=f"{config.name} {field}={value}",
-    )
 
 
 def pareto_grid(presets: list[str], bits: list[int]) -> list[CompressionConfig]:
@@ -80,7 +68,9 @@ values = st.multiselect(
     key=f"sweeps-values-{study}",
 )
 if study == "pareto":
-    bits = st.multiselect("bits", state.BITS, default=PARETO_BITS, key="sweeps-pareto-bits")
+    bits = st.multiselect(
+        "bits", state.offered("bits"), default=PARETO_BITS, key="sweeps-pareto-bits"
+    )
     grid = pareto_grid(values, bits) if values and bits else []
 else:
     with st.expander("base method (the swept setting overrides it)", expanded=False):
@@ -88,7 +78,7 @@ else:
     grid = []
     if base is not None:
         try:
-            grid = [vary(base, study, v) for v in sorted(values)]
+            grid = [with_overrides(base, **{study: v}) for v in sorted(values)]
         except GearLabError as err:
             state.show_error(err)
 metric = st.selectbox(
