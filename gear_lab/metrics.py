@@ -9,6 +9,8 @@ Layout: ``[batch, kv_heads, seq, head_dim]`` (queries ``[batch, heads, seq, head
   head mapping of transformers' ``repeat_kv``.
 - Spectra: singular values of ``[seq, head_dim]`` matrices and the energy captured per rank, the
   quantity GEAR's low-rank term ``L`` exploits in the quantization residual.
+- Next-token predictions: KL divergence and top-1 agreement of two logit tensors, agreement of
+  two generated token sequences (the live checks of :mod:`gear_lab.fidelity`).
 - Outliers: per-channel / per-token magnitude statistics (KIVI, Liu et al. 2024: key outliers sit
   in fixed channels).
 """
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from gear_lab.errors import ConfigError
+from gear_lab.errors import ConfigError, TensorError
 
 if TYPE_CHECKING:
     from gear_lab.compression import CompressionConfig, TensorCompression
@@ -31,13 +33,18 @@ __all__ = [
     "AttentionReference",
     "attention_error",
     "attention_reference",
+    "delta_perplexity",
     "energy_curve",
+    "kl_quantiles",
+    "next_token_kl",
     "outlier_stats",
     "quantization_residual",
     "rank_for_energy",
     "reconstruction",
     "reconstruction_profile",
     "singular_values",
+    "token_agreement",
+    "top1_agreement",
 ]
 
 # dimension kept by each profile of a [batch, kv_heads, seq, head_dim] tensor
@@ -46,18 +53,18 @@ _PROFILE_DIM = {"head": 1, "token": 2, "channel": 3}
 
 def _check_float(name: str, x: torch.Tensor, ndim: int | None = None) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ConfigError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TensorError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ConfigError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        raise TensorError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if ndim is not None and x.dim() != ndim:
-        raise ConfigError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+        raise TensorError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
 
 
 def _check_pair(x: torch.Tensor, x_hat: torch.Tensor, ndim: int | None = None) -> None:
     _check_float("x", x, ndim)
     _check_float("x_hat", x_hat, ndim)
     if x.shape != x_hat.shape:
-        raise ConfigError(f"x_hat shape {tuple(x_hat.shape)} differs from x shape {tuple(x.shape)}")
+        raise TensorError(f"x_hat shape {tuple(x_hat.shape)} differs from x shape {tuple(x.shape)}")
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, zero_zero: float) -> torch.Tensor:
@@ -152,7 +159,7 @@ class AttentionReference:
             if new is not None:
                 _check_float(name, new, ndim=4)
                 if new.shape != old.shape:
-                    raise ConfigError(
+                    raise TensorError(
                         f"{name} shape {tuple(new.shape)} differs from the reference {tuple(old.shape)}"
                     )
         probs, output = self.probs[:, sel], self.output[:, sel]
@@ -211,15 +218,15 @@ def attention_reference(
     _check_float("k", k, ndim=4)
     _check_float("v", v, ndim=4)
     if k.shape != v.shape:
-        raise ConfigError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
+        raise TensorError(f"k shape {tuple(k.shape)} differs from v shape {tuple(v.shape)}")
     b, heads, seq, d = q.shape
     kb, kv_heads, kseq, kd = k.shape
     if (kb, kseq, kd) != (b, seq, d):
-        raise ConfigError(
+        raise TensorError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, seq or head_dim"
         )
     if heads % kv_heads:
-        raise ConfigError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+        raise TensorError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
     if sliding_window is not None and sliding_window < 1:
         raise ConfigError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     scale = d**-0.5 if scaling is None else float(scaling)
@@ -273,7 +280,7 @@ def singular_values(x: torch.Tensor) -> torch.Tensor:
     """
     _check_float("x", x)
     if x.dim() < 2:
-        raise ConfigError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
+        raise TensorError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
     return torch.linalg.svdvals(x.double())
 
 
@@ -285,9 +292,9 @@ def energy_curve(sv: torch.Tensor) -> torch.Tensor:
     """
     _check_float("sv", sv)
     if sv.dim() < 1 or sv.shape[-1] == 0:
-        raise ConfigError(f"sv must hold at least one singular value, got shape {tuple(sv.shape)}")
+        raise TensorError(f"sv must hold at least one singular value, got shape {tuple(sv.shape)}")
     if bool((sv < 0).any()):
-        raise ConfigError("singular values must be non-negative")
+        raise TensorError("singular values must be non-negative")
     energy = sv.double().square().cumsum(-1)
     total = energy[..., -1:]
     return _ratio(energy, total.expand_as(energy), 1.0)
@@ -341,7 +348,7 @@ def outlier_stats(
         raise ConfigError(f"by must be 'channel' or 'token', got {by!r}")
     _check_float("x", x)
     if x.dim() < 2:
-        raise ConfigError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
+        raise TensorError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
     if not (math.isfinite(k_sigma) and k_sigma > 0):
         raise ConfigError(f"k_sigma must be a positive number, got {k_sigma}")
     dim = -2 if by == "channel" else -1
@@ -355,3 +362,76 @@ def outlier_stats(
         "kurtosis": m4 / var.square() - 3.0,
         "share_beyond": (centred.abs() > k_sigma * sigma).double().mean(dim),
     }
+
+
+def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` in nats over the last axis, in float64.
+
+    ``reference_logits`` and ``logits`` are ``[..., vocab]``; the result is ``[...]``.
+    """
+    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+
+
+def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Whether the most likely next token agrees, ``[..., vocab]`` -> bool ``[...]``."""
+    return reference_logits.argmax(dim=-1) == logits.argmax(dim=-1)
+
+
+def token_agreement(reference: list[int], other: list[int]) -> tuple[float, int | None]:
+    """Share of positions where two generations agree (over the longer one), and the first
+    position where they differ (``None`` when identical)."""
+    length = max(len(reference), len(other))
+    if length == 0:
+        return 1.0, None
+    same = [
+        i < len(reference) and i < len(other) and reference[i] == other[i] for i in range(length)
+    ]
+    first = next((i for i, ok in enumerate(same) if not ok), None)
+    return sum(same) / length, first
+
+
+def kl_quantiles(kl: torch.Tensor) -> dict[str, float]:
+    """Mean, median, 99th and 99.9th percentile of per-token KL values ``[n]`` (the tail
+    statistics llama.cpp's perplexity tool reports for a quantization type)."""
+    _check_float("kl", kl)
+    if kl.numel() == 0:
+        raise TensorError("kl_quantiles needs at least one KL value")
+    values = kl.detach().double().flatten().cpu()
+    q = torch.quantile(values, torch.tensor([0.5, 0.99, 0.999], dtype=torch.float64))
+    return {
+        "kl_mean": values.mean().item(),
+        "kl_median": q[0].item(),
+        "kl_p99": q[1].item(),
+        "kl_p999": q[2].item(),
+    }
+
+
+def delta_perplexity(
+    nll_full: list[torch.Tensor], nll_compressed: list[torch.Tensor], confidence: float = 0.95
+) -> tuple[float, float]:
+    """Perplexity change (compressed minus full, pooled over every scored token) and the
+    half-width of its ``confidence`` interval across windows (Student's t over the windows'
+    paired differences; ``nan`` for a single window). Each list holds one ``[tokens]`` tensor of
+    per-token negative log-likelihoods per window, paired by position."""
+    if len(nll_full) != len(nll_compressed) or not nll_full:
+        raise TensorError("delta_perplexity needs the same, non-zero number of windows for both")
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    full, comp = torch.cat(nll_full).double(), torch.cat(nll_compressed).double()
+    delta = math.exp(comp.mean().item()) - math.exp(full.mean().item())
+    per_window = torch.tensor(
+        [
+            math.exp(c.double().mean().item()) - math.exp(f.double().mean().item())
+            for f, c in zip(nll_full, nll_compressed, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    n = per_window.numel()
+    if n < 2:
+        return delta, math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + confidence / 2, n - 1) * per_window.std().item() / math.sqrt(n)
+    return delta, float(half)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gear_lab import metrics
-from gear_lab.errors import ConfigError
+from gear_lab.errors import ConfigError, TensorError
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -78,13 +78,13 @@ def test_reconstruction_profile_equals_reconstruction_of_each_slice(shape, seed,
 
 def test_reconstruction_bad_inputs():
     x = torch.zeros(1, 1, 4, 4)
-    with pytest.raises(ConfigError, match="differs"):
+    with pytest.raises(TensorError, match="differs"):
         metrics.reconstruction(x, torch.zeros(1, 1, 4, 3))
-    with pytest.raises(ConfigError, match="floating-point"):
+    with pytest.raises(TensorError, match="floating-point"):
         metrics.reconstruction(x.long(), x.long())
     with pytest.raises(ConfigError, match="by must be"):
         metrics.reconstruction_profile(x, x, by="row")
-    with pytest.raises(ConfigError, match="4 dims"):
+    with pytest.raises(TensorError, match="4 dims"):
         metrics.reconstruction_profile(x[0], x[0])
 
 
@@ -191,16 +191,16 @@ def test_attention_reference_head_subset_equals_sliced_call():
 
 def test_attention_bad_inputs():
     q, k = torch.zeros(1, 4, 5, 2), torch.zeros(1, 3, 5, 2)
-    with pytest.raises(ConfigError, match="multiple of kv heads"):
+    with pytest.raises(TensorError, match="multiple of kv heads"):
         metrics.attention_error(q, k, k, k, k)
     k = torch.zeros(1, 2, 5, 2)
-    with pytest.raises(ConfigError, match="disagree"):
+    with pytest.raises(TensorError, match="disagree"):
         metrics.attention_error(q, k[:, :, :4], k[:, :, :4], k[:, :, :4], k[:, :, :4])
-    with pytest.raises(ConfigError, match="k_hat shape"):
+    with pytest.raises(TensorError, match="k_hat shape"):
         metrics.attention_error(q, k, k, k[:, :1], k)
     with pytest.raises(ConfigError, match="sliding_window"):
         metrics.attention_error(q, k, k, k, k, sliding_window=0)
-    with pytest.raises(ConfigError, match="4 dims"):
+    with pytest.raises(TensorError, match="4 dims"):
         metrics.attention_error(q[0], k, k, k, k)
 
 
@@ -243,7 +243,7 @@ def test_energy_of_zero_and_rank_one_matrices():
     assert metrics.rank_for_energy(sv, 1.0) == 1
     with pytest.raises(ConfigError, match="share"):
         metrics.rank_for_energy(sv, 1.5)
-    with pytest.raises(ConfigError, match="non-negative"):
+    with pytest.raises(TensorError, match="non-negative"):
         metrics.energy_curve(torch.tensor([1.0, -1.0]))
 
 
@@ -317,3 +317,58 @@ def test_metrics_on_cuda_match_cpu():
     assert metrics.reconstruction(k.cuda(), k_hat.cuda()) == pytest.approx(
         metrics.reconstruction(k, k_hat), rel=1e-9
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 50.0), min_size=1, max_size=400))
+def test_kl_quantiles_match_numpy(values):
+    kl = torch.tensor(values, dtype=torch.float64)
+    stats = metrics.kl_quantiles(kl)
+    ref = np.asarray(values)
+    assert stats["kl_mean"] == pytest.approx(ref.mean(), rel=1e-12, abs=1e-12)
+    for key, q in (("kl_median", 50), ("kl_p99", 99), ("kl_p999", 99.9)):
+        assert stats[key] == pytest.approx(np.percentile(ref, q), rel=1e-9, abs=1e-12)
+    assert stats["kl_median"] <= stats["kl_p99"] <= stats["kl_p999"] <= max(values)
+
+
+def test_kl_quantiles_refuses_empty_and_non_float():
+    with pytest.raises(TensorError):
+        metrics.kl_quantiles(torch.zeros(0))
+    with pytest.raises(TensorError):
+        metrics.kl_quantiles(torch.zeros(3, dtype=torch.long))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 8),
+    st.integers(1, 40),
+    st.integers(0, 2**31 - 1),
+)
+def test_delta_perplexity_is_the_paired_t_interval(windows, tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.rand(tokens, generator=gen, dtype=torch.float64) * 4 for _ in range(windows)]
+    comp = [f + torch.rand(tokens, generator=gen, dtype=torch.float64) for f in full]
+    delta, half = metrics.delta_perplexity(full, comp)
+    pooled_full = np.concatenate([f.numpy() for f in full])
+    pooled_comp = np.concatenate([c.numpy() for c in comp])
+    assert delta == pytest.approx(np.exp(pooled_comp.mean()) - np.exp(pooled_full.mean()))
+    diffs = np.array(
+        [
+            np.exp(c.numpy().mean()) - np.exp(f.numpy().mean())
+            for f, c in zip(full, comp, strict=True)
+        ]
+    )
+    lo, hi = scipy.stats.t.interval(
+        0.95, windows - 1, loc=diffs.mean(), scale=scipy.stats.sem(diffs)
+    )
+    assert half == pytest.approx((hi - lo) / 2, rel=1e-9, abs=1e-12)
+    assert delta > 0  # every compressed NLL is higher
+
+
+def test_delta_perplexity_single_window_and_bad_input():
+    delta, half = metrics.delta_perplexity([torch.zeros(4)], [torch.ones(4)])
+    assert delta == pytest.approx(math.e - 1) and math.isnan(half)
+    with pytest.raises(TensorError):
+        metrics.delta_perplexity([torch.zeros(4)], [])
+    with pytest.raises(ConfigError):
+        metrics.delta_perplexity([torch.zeros(4)], [torch.ones(4)], confidence=1.0)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from gear_lab.errors import GearLabError
+from gear_lab.errors import ConfigError
 from gear_lab.studio import DUMP_ENV, STUDIO_SCRIPT
 
 
@@ -33,8 +34,28 @@ def streamlit_command(script: Path, *, host: str, port: int, max_upload_mb: int)
     ]
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` unless ``host:port`` can be bound now (as the server will,
+    with ``SO_REUSEADDR``): a bad port, an unknown host, or a port already in use."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigError(f"--host {host!r:.80} cannot be resolved ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"cannot serve on {host}:{port}: {err.strerror}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Validate the dump (same reader and errors as the library), then serve the studio."""
+    """Check the settings and the dump (same reader and errors as the library), then serve."""
+    if args.max_upload_mb < 1:
+        raise ConfigError(f"--max-upload-mb must be >= 1, got {args.max_upload_mb}")
+    check_port(args.host, args.port)
     env = dict(os.environ)
     if args.dump is not None:
         from gear_lab.dump import open_dump
@@ -42,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
         with open_dump(args.dump) as dump:
             print(dump.summary())
         env[DUMP_ENV] = str(Path(args.dump).resolve())
-    if not 1 <= args.port <= 65535:
-        raise GearLabError(f"--port must be in 1..65535, got {args.port}")
     cmd = streamlit_command(
         STUDIO_SCRIPT, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb
     )

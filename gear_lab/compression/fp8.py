@@ -21,6 +21,7 @@ from gear_lab.compression.quantize import (
     group_range,
     to_groups,
     to_half,
+    warn_unresolved,
 )
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -77,8 +78,11 @@ def fp8_quantize(
     if exclude is not None:
         exclude = to_groups(exclude.expand(x.shape), axis, group_size)
     lo, hi = group_range(grouped, axis, exclude)
-    scale = to_half(torch.maximum(-lo, hi) / torch.finfo(fp8).max, math.inf)
+    top = torch.maximum(-lo, hi)
+    scale = to_half(top / torch.finfo(fp8).max, math.inf)
     scale_w = scale.to(work)
+    if bool(((top > 0) & (top < scale_w * torch.finfo(fp8).tiny)).any()):
+        warn_unresolved()  # the float16 scale is so coarse that the codes fall below fp8 normals
     inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
     limit = torch.finfo(fp8).max
     scaled = from_groups((grouped * inverse).clamp_(-limit, limit), axis, x.shape[group_dim(axis)])

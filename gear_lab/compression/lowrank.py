@@ -6,6 +6,8 @@ leading index is its own matrix. The fit runs in the input's dtype; only the kep
 rounded, to the ``factor_dtype`` (float16 by default, bfloat16, or float8_e4m3 with a float16
 scale per rank component). SVD factors are balanced as ``U sqrt(S)`` and ``sqrt(S) V^T`` and
 ordered by singular value, so truncating them gives the best approximation of the smaller rank.
+Every kept pair is first balanced by powers of two (:func:`balance`) so large or tiny residuals
+fit the factor dtype; factors that still overflow raise :class:`TensorError`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from gear_lab.errors import TensorError
 
 FACTOR_DTYPES = {
     "float16": torch.float16,
@@ -37,13 +41,22 @@ class LowRank:
     @classmethod
     def keep(cls, left: Tensor, right: Tensor, factor_dtype: str = "float16") -> LowRank:
         """Round fitted factors (any float dtype) to ``factor_dtype`` (a key of
-        :data:`FACTOR_DTYPES`); float8_e4m3 scales each rank component to ``amax / 448``."""
+        :data:`FACTOR_DTYPES`) after :func:`balance`; float8_e4m3 scales each rank component
+        to ``amax / 448``. Factors that still do not fit raise :class:`TensorError`."""
         dtype = FACTOR_DTYPES[factor_dtype]
+        left, right = balance(left, right)
         if dtype != torch.float8_e4m3fn:
-            return cls(left.to(dtype), right.to(dtype))
-        left_q, left_scale = _fp8(left, -2)
-        right_q, right_scale = _fp8(right, -1)
-        return cls(left_q, right_q, left_scale, right_scale)
+            kept = cls(left.to(dtype), right.to(dtype))
+        else:
+            left_q, left_scale = _fp8(left, -2)
+            right_q, right_scale = _fp8(right, -1)
+            kept = cls(left_q, right_q, left_scale, right_scale)
+        if not all(bool(torch.isfinite(t.float()).all()) for t in kept.tensors().values()):
+            raise TensorError(
+                f"values exceed the {factor_dtype} range of the low-rank factors; "
+                "use factor_dtype='bfloat16' or scale the input down"
+            )
+        return kept
 
     @property
     def rank(self) -> int:
@@ -72,6 +85,18 @@ class LowRank:
             kept["lowrank_left_scale"] = self.left_scale
             kept["lowrank_right_scale"] = self.right_scale
         return kept
+
+
+def balance(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale each rank component by a power of two (``left[..., j] * 2**k``,
+    ``right[..., j, :] / 2**k``) so both have about the same largest magnitude: the product is
+    unchanged and neither factor over- or underflows a narrow dtype before it has to."""
+    big_left = left.abs().amax(-2, keepdim=True)  # [..., 1, r]
+    big_right = right.abs().amax(-1, keepdim=True).mT  # [..., 1, r]
+    shift = torch.round(0.5 * (torch.log2(big_right) - torch.log2(big_left)))
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    factor = torch.exp2(shift)
+    return left * factor, right / factor.mT
 
 
 def _fp8(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -110,7 +135,8 @@ def power_lowrank(
     Gaussian start, ``loops`` applications of ``R R^T`` with QR re-orthonormalisation after
     every product; ``left`` is the orthonormal basis ``Q``, ``right`` the projection
     ``Q^T R`` (components are not ordered: use :func:`svd_lowrank` to truncate), kept in
-    ``factor_dtype``."""
+    ``factor_dtype`` after :func:`balance` (``left``'s columns are then orthogonal, scaled by
+    powers of two)."""
     q = torch.linalg.qr(r @ gaussian_start(r.shape[-1], rank, seed, r.device, r.dtype)).Q
     rt = r.mT
     for _ in range(loops):

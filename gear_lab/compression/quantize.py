@@ -10,12 +10,15 @@ whole axis (KCVT). A last group shorter than ``group_size`` is quantized on its 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gear_lab.errors import TensorError
+from gear_lab.errors import PrecisionWarning, TensorError
+
+_HALF_RESOLUTION = 2.0**-24  # the smallest positive float16 (subnormal)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,13 +105,25 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         k = bits * width // 16
         low = _lanes(width, k)
         words = (words & low) | ((words >> (width // 2 - k)) & (low << k))
-    return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+    # contiguous: for 1 bit the slice is a strided view that would keep all 8 bytes alive
+    return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1).contiguous()
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: the first ``numel`` codes as a 1-D uint8 tensor."""
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as a 1-D uint8 tensor.
+
+    Widths that divide 8 (1, 2, 4 bits) never cross a byte: every little-endian 32-bit word
+    (a byte where the length is not a multiple of 4) is shifted once per code it holds, one
+    vectorised op; other widths undo the three shift-and-mask steps."""
     if bits == 8:
         return packed[:numel]
+    if 8 % bits == 0:
+        words = packed.contiguous()
+        words = words.view(torch.int32) if words.numel() % 4 == 0 else words
+        width = 8 * words.element_size()
+        shifts = torch.arange(0, width, bits, dtype=words.dtype, device=packed.device)
+        codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:numel].to(torch.uint8)
     rows = packed.view(-1, bits)
     words = torch.zeros(rows.shape[0], 8, dtype=torch.uint8, device=packed.device)
     words[:, :bits] = rows
@@ -157,10 +172,33 @@ def _quantize(
     zero = to_half(lo, -math.inf)
     scale = to_half((hi - zero.to(work)) / levels, math.inf)
     scale_w = scale.to(work)
+    _warn_unresolved(lo, hi, zero.to(work), scale_w, levels)
     inverse = torch.where(scale_w > 0, scale_w.reciprocal(), torch.zeros_like(scale_w))
     codes = torch.sub(grouped, zero.to(work)).mul_(inverse).round_().clamp_(0, levels)
     packed = pack_codes(from_groups(codes.to(torch.uint8), axis, x.shape[group_dim(axis)]), bits)
     return Quantized(packed, scale, zero, bits, axis, group_size, x.shape), codes
+
+
+def _warn_unresolved(lo: Tensor, hi: Tensor, zero: Tensor, scale: Tensor, levels: int) -> None:
+    """Warn (:class:`PrecisionWarning`) when a group's float16 zero point and scale bound its
+    error by more than twice the exact half step and more than float16's relative precision:
+    its values are far below float16 resolution (about 6e-8), e.g. 1e-9."""
+    step = (hi - lo) / levels
+    error = torch.where(scale > 0, scale / 2, lo - zero)  # worst error with the stored pair
+    allowed = torch.maximum(step, torch.maximum(lo.abs(), hi.abs()) * 2.0**-9)
+    if bool((error > allowed).any()):
+        warn_unresolved()
+
+
+def warn_unresolved() -> None:
+    """The :class:`PrecisionWarning` for values below the float16 resolution of the scales."""
+    warnings.warn(
+        f"values below the float16 resolution of the scales / zero points "
+        f"({_HALF_RESOLUTION:.2g}) are reconstructed with large relative error; "
+        "scale the input up or keep it in full precision",
+        PrecisionWarning,
+        stacklevel=5,
+    )
 
 
 def quantize(

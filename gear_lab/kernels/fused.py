@@ -162,12 +162,15 @@ def compress_fused(x: Tensor, config: CompressionConfig, kind: str = "keys") -> 
         RP=max(16, 1 << (tc.rank - 1).bit_length()), LOOPS=tc.loops,
         ITER_PRECISION=iter_prec, FINAL_PRECISION=final_prec, num_warps=8,
     )  # fmt: skip
-    flags = torch.stack([bad.any(), ~torch.isfinite(scale).all() | ~torch.isfinite(zero).all()])
-    bad_input, overflow = flags.tolist()
+    finite = [torch.isfinite(t).all() for t in (scale, zero, left, right)]
+    flags = torch.stack([bad.any(), ~(finite[0] & finite[1]), ~(finite[2] & finite[3])])
+    bad_input, overflow, factor_overflow = flags.tolist()
     if bad_input:
         raise TensorError("input holds NaN or Inf values")
     if overflow:
         raise TensorError("values exceed the float16 range of the scales / zero points")
+    if factor_overflow:
+        raise TensorError("values exceed the float16 range of the low-rank factors")
     axis = "channel" if out_channel else "token"
     return Compressed(
         body_shape=body_shape,
@@ -209,6 +212,8 @@ def decompress_fused(c: Compressed) -> Tensor:
         seq, n_blocks, NB=block, D=dim, BITS=q.bits, CHANNEL=q.axis == "channel", G=group,
         K=k, OUT_CHANNEL=out_channel, RANK=0 if low is None else low.rank, num_warps=4,
     )  # fmt: skip
+    limit = torch.finfo(c.dtype).max  # as in Compressed.decompress: stay in the input's range
+    y.clamp_(-limit, limit)
     if c.full_precision is not None:
         y[..., n_blocks * block :, :] = c.full_precision
     return y
