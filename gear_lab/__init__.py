@@ -9,7 +9,15 @@ Names are imported lazily so that ``import gear_lab`` (and the CLI's ``--help``)
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# torch's CPU build runs its intra-op threads on OpenMP, whose idle threads spin by default: on a
+# machine whose cores are also busy with other work (a second process, the studio's browser), the
+# spinning threads starve the working ones and decoding drops from ~20 to ~1 token/s. PASSIVE
+# threads sleep instead (the same speed on an idle machine). Read once, when torch first loads;
+# set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
@@ -30,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "GearCache": "gear_lab.cache",
     "check_generation": "gear_lab.fidelity",
     "perplexity_check": "gear_lab.fidelity",
+    "run_retrieval": "gear_lab.retrieval",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+
+# before torch loads: idle OpenMP threads sleep instead of spinning (see gear_lab/__init__.py);
+# spinning threads slow a 2-core machine shared with other processes ~10x
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 # Triton reads TRITON_INTERPRET when a kernel module is first imported (by any test module at

@@ -5,6 +5,7 @@ a user can cause show as one line (never an exception). Also ``gear-lab app``'s 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -79,6 +80,9 @@ def test_dumps_page_captures_a_dump_and_switches_to_it(app, tmp_path: Path) -> N
     at.button(key="capture-submit").click()
     ok(at.run())
     assert len(at.error) == 1 and "exists" in at.error[0].value
+    # in the form's words (the checkbox), not the CLI's --overwrite; no status left "capturing"
+    assert "**overwrite**" in at.error[0].value and "--overwrite" not in at.error[0].value
+    assert not [s for s in at.get("expandable") if "capturing" in str(s.label)]
 
 
 def test_pages_without_a_dump_say_how_to_get_one(tmp_path: Path, monkeypatch) -> None:
@@ -130,7 +134,7 @@ def test_explorer_defaults_to_2bit_gear_on_layer_10_keys_and_matches_the_library
 
 def test_explorer_bad_settings_show_one_line_not_a_traceback(app) -> None:
     at = app("explorer")
-    at.selectbox(key="explorer-A-gear-block_size").set_value(16)
+    at.select_slider(key="explorer-A-gear-block_size").set_value(16)
     at.slider(key="explorer-A-gear-rank").set_value(32)  # above min(16, head_dim)
     ok(at.run())
     assert len(at.error) == 1 and "ConfigError" in at.error[0].value
@@ -186,10 +190,10 @@ def test_sweeps_table_matches_the_library(app, smol_dump: Path) -> None:
     at.button(key="sweeps-run").click()
     ok(at.run())
     assert set(at.dataframe[0].value["config"]) == {
-        "gear[bits=2]",
-        "gear[bits=4]",
-        "quant[bits=2]",
-        "quant[bits=4]",
+        "gear (bits=2)",
+        "gear",
+        "quant (bits=2)",
+        "quant",
         "fp8",
     }
 
@@ -210,15 +214,30 @@ def test_live_generation_matches_check_generation(app, smol) -> None:
     expected = "none" if ref.first_divergence is None else f"token {ref.first_divergence}"
     assert shown(at, "first divergence") == [expected]
     assert len(at.get("plotly_chart")) == 1
+    from gear_lab.units import format_bytes
+
+    # one byte format: "10.2 MiB", never "10440.0 KiB"
+    assert shown(at, "compressed cache") == [format_bytes(ref.compressed_cache_bytes)]
+
+
+def test_live_generation_refuses_a_prompt_past_the_context_length(app) -> None:
+    at = app("live")
+    at.text_area(key="live-prompt").set_value("word " * 9000)  # ~9000 tokens, SmolLM2 holds 8192
+    at.button(key="live-run").click()
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "past the context length" in at.error[0].value
+    assert not shown(at, "same tokens")
 
 
 def test_uploads_are_validated_as_hdf5_dumps(smol_dump: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(state, "UPLOAD_DIR", tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(state, "_upload_dir", None)
     with pytest.raises(DumpError):
         state.save_upload("evil.h5", b"\x80\x04not a dump", limit_mb=1)
     with pytest.raises(DumpError, match="upload limit"):
         state.save_upload("big.h5", b"\0" * (2**20 + 1), limit_mb=1)
-    assert list(tmp_path.iterdir()) == []  # nothing invalid is left behind
+    assert list(state.upload_dir().iterdir()) == []  # nothing invalid is left behind
     path = state.save_upload("ok.h5", smol_dump.read_bytes(), limit_mb=1024)
     with open_dump(path) as d:
         assert d.num_samples == 2

@@ -121,6 +121,8 @@ def test_page_renders_in_chromium(name: str, studio: str, browser) -> None:
             )
         else:
             page.locator('[data-testid="stMetric"]').first.wait_for()
+        if name == "dumps":  # the capture form comes last (after the installed-models scan)
+            page.locator('[data-testid="stFormSubmitButton"]').first.wait_for()
         page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached")
         assert page.locator('[data-testid="stException"]').count() == 0
         assert page.locator(".js-plotly-plot").count() >= charts

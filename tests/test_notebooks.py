@@ -36,19 +36,28 @@ def test_notebook_is_committed_clean(path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path: Path, smol_dump: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_executes(
+    path: Path, smol_dump: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs a copy in tmp_path (the tracked file stays byte for byte as committed); every plotly
+    figure also comes out as a static PNG, and no cell warns "IProgress not found"."""
     monkeypatch.setenv("GEAR_LAB_DUMP", str(smol_dump))
     monkeypatch.setenv("GEAR_LAB_FAST", "1")
-    nb = nbformat.read(path, as_version=4)
+    committed = path.read_bytes()
+    copy = tmp_path / path.name
+    copy.write_bytes(committed)
+    nb = nbformat.read(copy, as_version=4)
     # an extra last cell reports which interpreter ran the kernel: it must be this venv's
     nb.cells.append(nbformat.v4.new_code_cell("import sys, json; print(json.dumps(sys.prefix))"))
     client = NotebookClient(
         nb,
         kernel_name="python3",
         timeout=240,
-        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
+    nbformat.write(nb, copy)
+    assert path.read_bytes() == committed, "running a notebook must not modify the tracked file"
 
     assert json.loads(nb.cells[-1].outputs[0]["text"]) == sys.prefix
     figures = [
@@ -60,3 +69,8 @@ def test_notebook_executes(path: Path, smol_dump: Path, monkeypatch: pytest.Monk
     ]
     assert figures, "each notebook shows at least one plotly figure"
     assert all(fig["data"] for fig in figures), "a figure without traces"
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    plotly_outputs = [out for out in outputs if PLOTLY_MIME in out.get("data", {})]
+    assert all("image/png" in out["data"] for out in plotly_outputs), "a figure without a PNG"
+    streams = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream")
+    assert "IProgress not found" not in streams

@@ -21,3 +21,17 @@ def test_import_stays_light():
     code = "import sys, gear_lab; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_import_makes_idle_openmp_threads_sleep() -> None:
+    """Spinning OpenMP threads slow decoding ~10x on a busy 2-core machine (1 vs 10 tok/s):
+    importing gear_lab before torch sets OMP_WAIT_POLICY=PASSIVE, unless the user chose one."""
+    import os
+
+    code = "import os, gear_lab, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE"

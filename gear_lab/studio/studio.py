@@ -22,6 +22,7 @@ PAGES = [
     st.Page(PAGE_DIR / "outliers.py", title="Outliers", icon=":material/scatter_plot:"),
     st.Page(PAGE_DIR / "sweeps.py", title="Sweeps", icon=":material/tune:"),
     st.Page(PAGE_DIR / "live.py", title="Live generation", icon=":material/chat:"),
+    st.Page(PAGE_DIR / "long_context.py", title="Long context", icon=":material/search:"),
 ]
 
 st.navigation(PAGES).run()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from gear_lab.dump import capture_dump
-from gear_lab.errors import DumpError, GearLabError
+from gear_lab.constants import DEFAULT_MODEL
+from gear_lab.dump import capture_dump, default_out
+from gear_lab.errors import DumpError, DumpExistsError, GearLabError
 from gear_lab.studio import state
 
 st.title("Dumps")
@@ -17,7 +18,7 @@ st.caption(
     "in HDF5. Every page reads the dump chosen here."
 )
 with st.container(border=True):
-    st.markdown("**Where to start**")
+    st.markdown("**Where to start** (each question opens its page)")
     for page, question in (
         ("explorer", "How large is the error of 2-bit GEAR on layer 10's keys?"),
         ("spectra", "What rank captures 90% of the quantization residual's energy?"),
@@ -28,7 +29,12 @@ with st.container(border=True):
         ),
         ("live", "Does the compressed model still generate the same text?"),
     ):
-        st.page_link(f"app_pages/{page}.py", label=question)
+        title = {"explorer": "Error explorer", "live": "Live generation"}.get(page, page.title())
+        st.page_link(
+            f"app_pages/{page}.py",
+            label=f"**{title}**: {question}",
+            icon=":material/arrow_forward:",
+        )
 
 
 # --------------------------------------------------------------------------- choose
@@ -46,8 +52,8 @@ with left:
     else:
         st.info(
             "No dump found in `dumps/`. Capture one below, upload one, or run "
-            "`gear-capture --model smollm2-135m --corpus pydoc --samples 2 --max-tokens 512 "
-            "--with-queries --out dumps/smollm2-135m-pydoc.h5` and reload."
+            f"`gear-capture --model {DEFAULT_MODEL} --corpus pydoc --samples 2 --max-tokens 512 "
+            f"--with-queries --out {default_out(DEFAULT_MODEL, 'pydoc')}` and reload."
         )
 with right:
     upload = st.file_uploader("or upload a dump (.h5)", type=["h5", "hdf5"], key="dumps-upload")
@@ -100,8 +106,13 @@ if current is not None:
 st.subheader("Capture a new dump")
 with st.form("capture"):
     c1, c2, c3 = st.columns(3)
-    name = c1.text_input("file name (in dumps/)", "smollm2-135m-pydoc.h5", key="capture-name")
-    samples = c2.number_input("samples (pydoc texts)", 1, 16, 2, key="capture-samples")
+    model_name = state.model_picker("capture-model", c1)
+    name = c2.text_input(
+        "file name (in dumps/)",
+        key="capture-name",
+        placeholder="<model>-pydoc.h5",
+    )
+    samples = c3.number_input("samples (pydoc texts)", 1, 16, 2, key="capture-samples")
     max_tokens = c3.number_input(
         "tokens per sample", 16, 2048, 512, step=16, key="capture-max-tokens"
     )
@@ -114,13 +125,21 @@ with st.form("capture"):
         "Capture from the embedded model", type="primary", key="capture-submit"
     )
 if submitted:
+    name = name.strip() or default_out(model_name, "pydoc").name
     out = state.DUMPS_DIR / name
+    status = None
+    exists = (
+        f"`{name}` already exists in `dumps/`: tick **overwrite** above to replace it, "
+        "or give another file name"
+    )
     try:
         if out.suffix != ".h5" or Path(name).name != name:
             raise DumpError(f"file name must be a plain name ending in .h5, got {name!r}")
+        if out.exists() and not overwrite:  # said in the form's words, before anything starts
+            raise DumpExistsError(exists)
         with st.status(f"capturing {out} ...", expanded=True) as status:
-            st.write("loading the model (cached after the first time)")
-            loaded = state.model()
+            st.write(f"loading {model_name} (cached after the first time)")
+            loaded = state.model(model_name)
             bar = st.progress(0.0, text="capturing layers")
             path = capture_dump(
                 out,
@@ -137,7 +156,12 @@ if submitted:
             )
             status.update(label=f"captured {path}", state="complete")
     except GearLabError as err:
-        state.show_error(err)
+        if status is not None:  # never leave "capturing ..." with an empty bar behind
+            status.update(label=f"capture of {name} failed", state="error", expanded=False)
+        if isinstance(err, DumpExistsError):
+            st.error(exists, icon=":material/error:")
+        else:
+            state.show_error(err)
     else:
         st.session_state[state.DUMP_KEY] = str(Path(path).resolve())
         st.rerun()
