@@ -23,7 +23,7 @@ compare, at about 3 and 5 bits per entry (at most ``SLACK`` over), the best GEAR
 (outliers and / or low rank) with the best KIVI-style preset and with the best tuned KIVI-style
 K/V mix; the rotated family is printed for scale.
 
-    python benchmarks/quality.py [--layers 0,4,8] [--dump PATH.h5]
+    python benchmarks/quality.py [--layers 0,4,8] [--dump PATH.h5] [--model qwen2.5-coder-1.5b]
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ from tqdm.auto import tqdm
 from gear_lab import capture_dump, metrics, open_dump
 from gear_lab.capture import parse_layers
 from gear_lab.compression import CompressionConfig, compress, get_preset
+from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import GearLabError
-from gear_lab.plots import pareto_front
-from gear_lab.sweeps import sweep
+from gear_lab.sweeps import pareto_front, sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_DUMP = RESULTS / "smollm2-135m-pydoc-512.h5"
 DEFAULT_LAYERS = "0,6,12,18,24,29"
 TOKENS = 512
 BUDGETS = (3.0, 5.0)
@@ -202,13 +201,21 @@ def unique(cands: list[Candidate]) -> list[Candidate]:
     return out
 
 
-def ensure_dump(path: Path) -> Path:
-    """The benchmark dump, captured (512 pydoc tokens, every layer, with queries) if missing."""
+def ensure_dump(path: Path, model: str = DEFAULT_MODEL) -> Path:
+    """The benchmark dump, captured from ``model`` (512 pydoc tokens, every layer, with queries)
+    if missing."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"capturing {path} ...", file=sys.stderr)
-        capture_dump(path, corpus="pydoc", samples=1, max_tokens=TOKENS, with_queries=True)
+        capture_dump(path, model, corpus="pydoc", samples=1, max_tokens=TOKENS, with_queries=True)
     return path
+
+
+def spread_layers(layers: list[int], picks: int = 6) -> str:
+    """``picks`` of ``layers`` spread evenly from the first to the last, as a ``--layers`` spec."""
+    n = len(layers)
+    picked = (str(layers[round(j * (n - 1) / (picks - 1))]) for j in range(picks) if n)
+    return ",".join(dict.fromkeys(picked))
 
 
 def evaluate(dump_path: Path, layers: list[int], cands: list[Candidate]) -> pd.DataFrame:
@@ -291,13 +298,21 @@ def verdict(df: pd.DataFrame, budget: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dump", type=Path, default=DEFAULT_DUMP, help="a 512-token dump")
-    parser.add_argument("--layers", default=DEFAULT_LAYERS, help=f"default {DEFAULT_LAYERS}")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="captured when --dump is missing")
+    parser.add_argument(
+        "--dump", type=Path, help=f"a 512-token dump (default {RESULTS.name}/MODEL-pydoc-512.h5)"
+    )
+    parser.add_argument(
+        "--layers", help=f"default {DEFAULT_LAYERS} ({DEFAULT_MODEL}), else 6 spread layers"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        path = ensure_dump(args.dump)
+        path = ensure_dump(args.dump or RESULTS / f"{args.model}-pydoc-512.h5", args.model)
         with open_dump(path) as dump:
+            if args.layers is None:
+                default = dump.model_id == DEFAULT_MODEL
+                args.layers = DEFAULT_LAYERS if default else spread_layers(dump.layers)
             layers = parse_layers(args.layers, max(dump.layers) + 1)
             header = (
                 f"{dump.model_id}, {dump.seq_len(0)} tokens of pydoc, layers {args.layers} "

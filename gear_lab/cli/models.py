@@ -12,8 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list embedded models: installed, converted, shape",
         description=(
             "List the model registry: where each model comes from, whether it is installed and "
-            "already converted to safetensors, and its shape (layers, heads, KV heads, head_dim, "
-            "attention types; known once converted)."
+            "already converted to safetensors (and its size on disk), and its shape (layers, "
+            "heads, KV heads, head_dim, attention types; for some models known once converted)."
         ),
     )
     parser.set_defaults(func=run)
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{info.name}  ({state})")
         print(f"  source  {info.source}")
+        if info.converted:
+            print(f"  disk    {info.disk_bytes / 2**20:,.0f} MiB (converted safetensors)")
         if info.shape:
             s = info.shape
             types = ", ".join(f"{n} {t}" for t, n in s["attention_types"].items())
