@@ -8,8 +8,11 @@ SmolLM2-135M-Instruct prefills ``--prompt-tokens`` tokens of pydoc text, then de
   a KIVI-like baseline; skipped with a message where the ``baselines`` extra is missing);
 * :class:`gear_lab.GearCache` presets (n_b = 64, the GEAR paper's streaming, Kang et al. 2024).
 
-Per row: decode tokens/s, cache bytes held after decoding (measured from the tensors kept), both
-as ratios to ``DynamicCache``, and how many greedy tokens match ``DynamicCache``'s before the
+GearCache rows run memory-true (the default); one more row runs GEAR 2-bit with
+``workspace=True`` (the speed option). Per row: decode tokens/s, cache bytes *held* after
+decoding (``KiB``: K/V measured from the tensors kept, compressed blocks plus buffers), both as
+ratios to ``DynamicCache``, the bytes *resident* (``res KiB``: plus any workspace, the shared
+transient and the block index), and how many greedy tokens match ``DynamicCache``'s before the
 first difference.
 Runs on the CPU, and on CUDA as well when present (``--device``).
 
@@ -24,15 +27,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pydoc_data.topics import topics
 
 import torch
 
 from gear_lab import load_model
 from gear_lab.cache import GearCache, cache_kwarg
+from gear_lab.cache_specs import cache_nbytes, cache_resident_nbytes, make_cache
 from gear_lab.compression import get_preset
+from gear_lab.constants import DEFAULT_MODEL
+from gear_lab.corpus import pydoc_topic
 from gear_lab.errors import GearLabError
-from gear_lab.fidelity import cache_nbytes, make_cache, token_agreement
+from gear_lab.metrics import token_agreement
 
 GEAR_ROWS = {
     "GearCache kivi (2-bit, G 32)": get_preset("kivi"),
@@ -58,6 +63,7 @@ class Row:
     speed_ratio: float
     cache_bytes: int
     bytes_ratio: float
+    resident_bytes: int
     agree_until: int
     new_tokens: int
 
@@ -68,8 +74,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def decode(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[list[int], float, int]:
-    """Prefill ``ids`` then greedy-decode: (tokens, decode seconds, cache bytes at the end)."""
+def decode(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[list[int], float, int, int]:
+    """Prefill ``ids`` then greedy-decode: (tokens, decode seconds, bytes held and bytes resident
+    at the end)."""
     key = cache_kwarg(model)
     logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache}).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
@@ -81,19 +88,23 @@ def decode(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[list[int],
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
     _sync(ids.device)
-    return tokens, time.perf_counter() - start, cache_nbytes(cache)
+    seconds = time.perf_counter() - start
+    return tokens, seconds, cache_nbytes(cache), cache_resident_nbytes(cache)
 
 
 def run_device(device: str, prompt_tokens: int, new_tokens: int) -> list[Row]:
     """Every cache on one device; ratios against DynamicCache measured in this run."""
-    model, tokenizer = load_model("smollm2-135m", device=device)
-    text = topics["for"] + topics["while"] + topics["if"]
+    model, tokenizer = load_model(DEFAULT_MODEL, device=device)
+    text = "".join(pydoc_topic(name) for name in ("for", "while", "if"))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :prompt_tokens].to(model.device)
     factories: dict[str, Callable] = {"DynamicCache": lambda: make_cache("dynamic", model)}
     for name, spec in BASELINES.items():
         factories[name] = lambda spec=spec: make_cache(spec, model)
     for name, config in GEAR_ROWS.items():
         factories[name] = lambda config=config: GearCache(config, model_config=model.config)
+    factories["GearCache gear 2-bit, workspace"] = lambda: GearCache(
+        GEAR_ROWS["GearCache gear 2-bit"], model_config=model.config, workspace=True
+    )
     decode(model, ids, make_cache("dynamic", model), 4)  # warm-up
     rows: list[Row] = []
     ref_tokens: list[int] = []
@@ -104,7 +115,7 @@ def run_device(device: str, prompt_tokens: int, new_tokens: int) -> list[Row]:
         except GearLabError as err:
             print(f"[{device}] skipped {name}: {err}", file=sys.stderr)
             continue
-        tokens, seconds, nbytes = decode(model, ids, cache, new_tokens)
+        tokens, seconds, nbytes, resident = decode(model, ids, cache, new_tokens)
         speed = (new_tokens - 1) / seconds
         if name == "DynamicCache":
             ref_tokens, ref_speed, ref_bytes = tokens, speed, nbytes
@@ -112,7 +123,15 @@ def run_device(device: str, prompt_tokens: int, new_tokens: int) -> list[Row]:
         same = new_tokens if divergence is None else divergence
         rows.append(
             Row(
-                device, name, speed, speed / ref_speed, nbytes, nbytes / ref_bytes, same, new_tokens
+                device,
+                name,
+                speed,
+                speed / ref_speed,
+                nbytes,
+                nbytes / ref_bytes,
+                resident,
+                same,
+                new_tokens,
             )
         )
         print(f"[{device}] {name}: {speed:.1f} tok/s, {nbytes / 2**10:.0f} KiB", file=sys.stderr)
@@ -140,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         "decoding steps; ratios against DynamicCache of the same run"
     )
     header = (
-        f"{'device':6} {'cache':36} {'tok/s':>7} {'x speed':>8} {'KiB':>7} {'x bytes':>8} agree"
+        f"{'device':6} {'cache':36} {'tok/s':>7} {'x speed':>8} {'KiB':>7} {'x bytes':>8} "
+        f"{'res KiB':>8} agree"
     )
     print(header)
     for r in rows:
         print(
             f"{r.device:6} {r.cache:36} {r.decode_tok_s:7.1f} {r.speed_ratio:8.2f} "
-            f"{r.cache_bytes / 2**10:7.0f} {r.bytes_ratio:8.3f} {r.agree_until}/{r.new_tokens}"
+            f"{r.cache_bytes / 2**10:7.0f} {r.bytes_ratio:8.3f} {r.resident_bytes / 2**10:8.0f} "
+            f"{r.agree_until}/{r.new_tokens}"
         )
     return 0
 

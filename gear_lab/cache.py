@@ -5,18 +5,32 @@ Generative Inference of LLM", section 3.3) keeps the newest ``n_b`` tokens of ev
 precision and compresses each full block of ``n_b`` tokens exactly once. This module does that on
 top of transformers' public cache-layer API:
 
-- each layer keeps, per batch row, its compressed blocks as :class:`gear_lab.compression.Compressed`
-  objects (the blocks completed by one forward call are compressed together as a batch of
-  ``[count, kv_heads, n_b, head_dim]``, each block with its own statistics and low rank) and a
-  full-precision buffer of fewer than ``n_b`` newest tokens;
+- each layer keeps its compressed blocks consolidated in a few
+  :class:`gear_lab.compression.Compressed` chunks ``[n, kv_heads, n_b, head_dim]`` (one per
+  compression config and block size, grown with :meth:`Compressed.cat`, each block indexed by
+  (batch row, start position)); the blocks all rows complete in one forward call are compressed
+  together in one call, each block with its own statistics and low rank; and a full-precision
+  buffer of fewer than ``n_b`` newest tokens per row;
 - the prompt is compressed block by block when it arrives (with ``config.prefill_rank`` as its
-  rank where that is set); the trailing partial block stays in the buffer;
+  rank where that is set); the trailing partial block stays in the buffer. With
+  ``prompt_compression="oneshot"`` the whole prompt is compressed as one block instead (one set of
+  statistics and one low rank over it, as transformers' ``QuantizedCache`` quantizes a prompt),
+  nothing of it left in full precision;
 - when decoding fills the buffer, that block is compressed once and appended; nothing is ever
   re-compressed or thrown away (except on sliding-window layers, below);
 - attention sees the decompressed blocks followed by the buffer, and the current step's own K/V in
-  full precision. The decompressed concatenation is kept as a per-layer workspace that is updated
-  block by block (so a decoding step decompresses nothing); :meth:`GearCache.nbytes` counts what
-  is *held* (compressed parts plus buffer), :meth:`GearCache.workspace_nbytes` the workspace.
+  full precision. Memory-true mode (the default): each update decompresses the layer's chunks
+  (a handful of ops per chunk) and writes them, with one ``index_copy_`` per chunk, the buffer and
+  the new states, into one :class:`Transient` buffer shared by all layers, and returns views of
+  it; nothing decompressed outlives the step. Workspace mode (``workspace=True``, a speed
+  option): the decompressed concatenation is kept as a per-layer workspace updated block by
+  block, so a decoding step decompresses nothing. :meth:`GearCache.nbytes` counts what is *held*
+  (compressed parts plus buffers), :meth:`GearCache.resident_nbytes` every byte kept
+  (:meth:`GearCache.memory_breakdown`: compressed, index, buffers, workspace, transient).
+
+Each :class:`GearLayer` is given its settings as constructor arguments (compression config,
+``n_b``, storage dtype, sliding window, padding provider), as transformers' own cache layers are;
+:class:`GearCache` builds one per decoder layer and otherwise only loops over them.
 
 Batches: rows are compressed independently, each with its own blocks aligned on its own first
 real token, so left padding never enters quantization, outlier or low-rank statistics, and a row
@@ -42,17 +56,21 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
 from transformers.cache_utils import Cache, DynamicLayer
 
+from gear_lab.architecture import FULL, SLIDING, model_arch
 from gear_lab.compression import Compressed, CompressionConfig, compress, get_preset
 from gear_lab.errors import CacheError, ConfigError
 
 DEFAULT_BLOCK_SIZE = 64  # n_b of the GEAR paper's code
+#: how a prompt is compressed: in blocks of n_b tokens (GEAR streaming) or all at once
+PROMPT_COMPRESSIONS = ("blockwise", "oneshot")
 
 # --------------------------------------------------------------------------------------------
 # compatibility with the transformers release (the only release-dependent code of gear-lab)
@@ -79,39 +97,76 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _layer_windows(model_config: Any, num_layers: int | None = None) -> list[int | None]:
-    """Sliding window of each decoder layer (``None``: full attention) from a model config."""
-    text_config = model_config.get_text_config(decoder=True)
-    types = getattr(text_config, "layer_types", None)
-    if types is None:
-        window = getattr(text_config, "sliding_window", None)
-        types = ["sliding_attention" if window else "full_attention"] * (
-            num_layers or text_config.num_hidden_layers
-        )
-    unsupported = set(types) - {"full_attention", "sliding_attention"}
-    if unsupported:
-        raise CacheError(f"GearCache supports full and sliding attention layers, not {unsupported}")
-    return [text_config.sliding_window if t == "sliding_attention" else None for t in types]
-
-
 # --------------------------------------------------------------------------------------------
 # one layer
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Block:
-    """``count`` consecutive compressed blocks of one batch row, from absolute position
-    ``start``; ``keys`` / ``values`` hold them as ``[count, kv_heads, n_b, head_dim]``."""
+class _Chunk:
+    """Compressed blocks of ``size`` tokens (``n_b``, or a whole one-shot prompt) that share one
+    compression config, stacked with :meth:`Compressed.cat`: ``keys`` / ``values`` are
+    ``[n, kv_heads, size, head_dim]``; block ``j`` belongs to batch row ``rows[j]`` and starts at
+    absolute position ``starts[j]`` (``rows`` / ``starts``: ``[n]`` int64 on the states' device,
+    ``first`` the smallest start)."""
 
-    start: int
-    count: int
+    size: int
     keys: Compressed
     values: Compressed
+    rows: torch.Tensor
+    starts: torch.Tensor
+    first: int
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the compressed parts (the block index not included)."""
         return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the block index (``rows`` and ``starts``)."""
+        return self.rows.nbytes + self.starts.nbytes
+
+    def extend(self, other: _Chunk) -> None:
+        """Append ``other``'s blocks (same config and size)."""
+        self.keys = Compressed.cat([self.keys, other.keys])
+        self.values = Compressed.cat([self.values, other.values])
+        self.rows = torch.cat([self.rows, other.rows])
+        self.starts = torch.cat([self.starts, other.starts])
+        self.first = min(self.first, other.first)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the blocks at ``index`` (``[k]`` int64)."""
+        self.keys, self.values = self.keys.select(index), self.values.select(index)
+        self.rows, self.starts = self.rows[index], self.starts[index]
+        self.first = int(self.starts.min())
+
+    def scatter(self, keys: torch.Tensor, values: torch.Tensor, origin: int) -> None:
+        """Write the decompressed blocks into ``keys`` / ``values`` (contiguous
+        ``[batch, kv_heads, length, head_dim]`` whose position 0 is absolute ``origin``) with one
+        ``index_copy_`` per kind; tokens before ``origin`` are skipped."""
+        _, heads, length, dim = keys.shape
+        steps = torch.arange(self.size, device=self.starts.device)
+        position = (self.starts - origin)[:, None, None] + steps  # [n, 1, size]
+        heads_of = self.rows[:, None] * heads + torch.arange(heads, device=steps.device)  # [n, h]
+        index = torch.add(position, heads_of[..., None], alpha=length).view(-1)  # [n * h * size]
+        inside = None
+        if self.first < origin:  # a sliding window's edge cuts the oldest blocks
+            inside = (position >= 0).expand(-1, heads, -1).reshape(-1)
+            index = index[inside]
+        for part, out in ((self.keys, keys), (self.values, values)):
+            _write_blocks(part, out.view(-1, dim), index, inside)
+
+
+def _write_blocks(
+    part: Compressed, out: torch.Tensor, index: torch.Tensor, inside: torch.Tensor | None
+) -> None:
+    """``out[index] = `` the decompressed blocks' rows (``out``: ``[tokens, head_dim]`` view of
+    the transient or workspace); a function of its own so each decompression is freed before the
+    next. ``reshape``: a one-shot block whose length is not a multiple of the group size
+    decompresses to a non-contiguous slice."""
+    block = part.decompress().to(out.dtype).reshape(-1, out.shape[-1])
+    out.index_copy_(0, index, block if inside is None else block[inside])
 
 
 @dataclass
@@ -121,32 +176,98 @@ class _Row:
 
     first: int
     done: int
-    blocks: list[_Block] = field(default_factory=list)
+
+
+def _no_padding(batch: int) -> list[int]:
+    return [0] * batch
+
+
+class Transient:
+    """The one full-precision buffer a memory-true :class:`GearCache` reconstructs K/V into.
+
+    Layer ``i``'s attention has finished before layer ``i + 1`` updates, so every layer of a
+    forward pass reuses it. It grows (``torch.empty``, by at least a quarter) when a layer needs
+    more than it holds, and is never shrunk.
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def views(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two contiguous ``shape`` (``[batch, kv_heads, seq, head_dim]``) views for keys and
+        values; their contents are left as they were."""
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
+        buf = self.buffer
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < 2 * numel:
+            grown = buf.numel() * 5 // 4 if buf is not None and buf.dtype == dtype else 0
+            self.buffer = buf = None  # release the old buffer before allocating the new one
+            self.buffer = buf = torch.empty(max(2 * numel, grown), dtype=dtype, device=device)
+        return buf[:numel].view(shape), buf[numel : 2 * numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.nbytes
 
 
 class GearLayer(DynamicLayer):
     """One decoder layer of a :class:`GearCache` (full attention, or a sliding window).
 
-    ``self.keys`` / ``self.values`` ``[batch, kv_heads, seq_kept, head_dim]`` are the workspace:
-    decompressed blocks followed by each row's full-precision buffer; position ``0`` of the
-    workspace is absolute position ``self.offset``.
+    Like transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer``, a layer is given all it
+    needs: ``config`` compresses its blocks of ``block_size`` tokens (``n_b``) in
+    ``storage_dtype`` (``None``: the states' dtype); ``sliding_window`` (``None``: full
+    attention); ``padding_starts(batch)`` gives each row's first real position when the layer is
+    first filled (default: no padding); ``prompt_compression`` (:data:`PROMPT_COMPRESSIONS`) says
+    whether the first update (the prompt) is compressed in blocks of ``n_b`` or as one block;
+    ``workspace`` picks the mode and ``transient`` (memory-true mode; ``None``: its own) is the
+    buffer shared by all layers of a cache.
+
+    Compressed blocks live in a few :class:`_Chunk` s (one per compression config and block
+    size: prompt blocks at ``prefill_rank``, decode blocks), each block indexed by (row, start).
+    ``self.keys`` / ``self.values`` ``[batch, kv_heads, seq_kept, head_dim]`` are the
+    full-precision states kept: in memory-true mode (``workspace=False``) only the buffer tail
+    from ``min(row.done)`` (fewer than ``n_b`` tokens, which covers every row's buffer); in
+    workspace mode the decompressed blocks followed by the buffers, from absolute position
+    ``self.offset``.
     """
 
     is_croppable = False
 
-    def __init__(self, owner: GearCache, sliding_window: int | None = None) -> None:
+    def __init__(
+        self,
+        config: CompressionConfig,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        *,
+        sliding_window: int | None = None,
+        storage_dtype: torch.dtype | None = None,
+        padding_starts: Callable[[int], list[int]] = _no_padding,
+        prompt_compression: str = "blockwise",
+        workspace: bool = False,
+        transient: Transient | None = None,
+    ) -> None:
         super().__init__()
-        self.owner = owner
+        self.config = config
+        self.prompt_compression = prompt_compression
+        self.block_size = block_size
+        self.storage_dtype = storage_dtype
+        self.padding_starts = padding_starts
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        self.workspace = workspace
+        self.transient = None if workspace else (transient or Transient())
         self.cumulative_length = 0
         self.offset = 0
         self.rows: list[_Row] = []
+        self.chunks: dict[tuple[Any, Any, int], _Chunk] = {}
         self.compressions = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        first = self.owner.padding_starts(key_states.shape[0])
+        batch, heads, _, dim = key_states.shape
+        self.keys = key_states.new_empty((batch, heads, 0, dim))
+        self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
+        first = self.padding_starts(batch)
         self.rows = [_Row(first=p, done=p) for p in first]
 
     def update(
@@ -155,67 +276,148 @@ class GearLayer(DynamicLayer):
         """Append ``[batch, kv_heads, q, head_dim]`` states; return what attention must see.
 
         The returned K/V are the decompressed blocks and buffers of earlier steps followed by the
-        new states in full precision; full blocks are then compressed once each.
+        new states in full precision (views of the shared transient in memory-true mode); full
+        blocks are then compressed once each.
         """
         prefill = not self.is_initialized
         if prefill:
             self.lazy_initialization(key_states, value_states)
-        past = self.cumulative_length
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        past, origin = self.cumulative_length, self.offset
+        self.cumulative_length = past + key_states.shape[-2]
+        if self.workspace:
+            keys = torch.cat([self.keys, key_states], dim=-2)
+            values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            keys, values = self._reconstruct(key_states, value_states, past)
+        out_keys, out_values = keys, values
         if self.is_sliding:
             # what DynamicSlidingWindowLayer returns: the last window - 1 cached tokens + the new ones
-            visible = min(past - self.offset, self.sliding_window - 1) + key_states.shape[-2]
+            visible = min(past - origin, self.sliding_window - 1) + key_states.shape[-2]
             out_keys, out_values = keys[..., -visible:, :], values[..., -visible:, :]
-        else:
-            out_keys, out_values = keys, values
-        self.cumulative_length = past + key_states.shape[-2]
-        self.keys, self.values = keys, values
-        if self.is_sliding:
             self._drop_outside_window()
-        self._compress_full_blocks(prefill)
+        self._compress_full_blocks(keys, values, origin, prefill)
         return out_keys, out_values
+
+    def _reconstruct(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, past: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory-true mode: write positions ``[offset, cumulative_length)`` into the shared
+        transient (zeros before each row's first real token, the buffer tail, the new states,
+        the decompressed chunks) and return its views ``[batch, kv_heads, seq, head_dim]``."""
+        batch, heads, _, dim = key_states.shape
+        shape = (batch, heads, self.cumulative_length - self.offset, dim)
+        keys, values = self.transient.views(shape, key_states.dtype, key_states.device)
+        tail = past - self.keys.shape[-2] - self.offset  # where the kept buffer tail starts
+        for i, row in enumerate(self.rows):
+            padded = min(row.first - self.offset, tail)  # left padding that no block covers
+            if padded > 0:
+                keys[i, :, :padded] = 0
+                values[i, :, :padded] = 0
+        now = past - self.offset
+        keys[..., tail:now, :], values[..., tail:now, :] = self.keys, self.values
+        keys[..., now:, :], values[..., now:, :] = key_states, value_states
+        # after the tail: a row whose blocks reach past min(done) reads them decompressed
+        for chunk in self.chunks.values():
+            chunk.scatter(keys, values, self.offset)
+        return keys, values
 
     def _drop_outside_window(self) -> None:
         """Keep only the last ``window - 1`` tokens (all a later step can attend to)."""
         keep_from = max(self.cumulative_length - (self.sliding_window - 1), 0)
         if keep_from <= self.offset:
             return
-        cut = keep_from - self.offset
-        self.keys, self.values = self.keys[..., cut:, :], self.values[..., cut:, :]
         self.offset = keep_from
-        n_b = self.owner.block_size
+        for key, chunk in list(self.chunks.items()):
+            alive = chunk.starts + chunk.size > keep_from
+            if not bool(alive.any()):
+                del self.chunks[key]
+            elif not bool(alive.all()):
+                chunk.keep(alive.nonzero().squeeze(1))
         for row in self.rows:
-            row.blocks = [b for b in row.blocks if b.start + b.count * n_b > keep_from]
             # tokens that left the window before their block filled are never compressed
             row.done = max(row.done, keep_from)
 
-    def _compress_full_blocks(self, prefill: bool) -> None:
-        """Compress every row's full blocks once each (a row's blocks in one batched call)."""
-        n_b = self.owner.block_size
-        config = self.owner.config
-        copied = False
+    def _compress_full_blocks(
+        self, keys: torch.Tensor, values: torch.Tensor, origin: int, prefill: bool
+    ) -> None:
+        """Compress every row's full blocks once each (all rows' blocks of one size in one call;
+        a one-shot prompt is one block of all its tokens) from ``keys`` / ``values``
+        ``[batch, kv_heads, seq, head_dim]`` (absolute position ``origin`` first), then keep the
+        workspace (workspace mode) or copy out the buffer tail (memory-true mode)."""
+        oneshot = prefill and self.prompt_compression == "oneshot"
+        groups: dict[int, list[tuple[int, int]]] = {}  # block size -> [(row, blocks)]
         for i, row in enumerate(self.rows):
-            count = (self.cumulative_length - row.done) // n_b
-            if count == 0:
-                continue
-            if not copied:
-                # the tensors just returned to attention must keep the full-precision states
-                self.keys, self.values = self.keys.clone(), self.values.clone()
-                copied = True
-            lo, hi = row.done - self.offset, row.done - self.offset + count * n_b
-            parts = []
-            for kind, states in (("keys", self.keys), ("values", self.values)):
-                # [1, h, count * n_b, d] -> [count, h, n_b, d]: one batch element per block
-                blocks = states[i, :, lo:hi].unflatten(1, (count, n_b)).transpose(0, 1)
-                # a copy: what is kept must not alias the workspace
-                blocks = blocks.to(self.owner.storage_dtype or blocks.dtype, copy=True)
-                part = compress(blocks, config.for_kind(kind, prefill), kind)
-                states[i, :, lo:hi] = part.decompress().transpose(0, 1).flatten(1, 2)
-                parts.append(part)
-            row.blocks.append(_Block(row.done, count, parts[0], parts[1]))
-            row.done += count * n_b
-            self.compressions += count
+            pending = self.cumulative_length - row.done
+            size = pending if oneshot else self.block_size
+            if 0 < size <= pending:
+                groups.setdefault(size, []).append((i, pending // size))
+        if self.workspace and groups:
+            # the tensors just returned to attention must keep the full-precision states
+            keys, values = keys.clone(), values.clone()
+        for size, counts in groups.items():
+            self._compress_blocks(keys, values, origin, size, counts, prefill)
+        if self.workspace:
+            cut = self.offset - origin
+            self.keys, self.values = keys[..., cut:, :], values[..., cut:, :]
+        else:
+            cut = min(row.done for row in self.rows) - origin
+            self.keys, self.values = keys[..., cut:, :].clone(), values[..., cut:, :].clone()
+
+    def _compress_blocks(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        origin: int,
+        size: int,
+        counts: list[tuple[int, int]],
+        prefill: bool,
+    ) -> None:
+        """Compress ``counts`` (``(row, blocks)``) blocks of ``size`` tokens from each row's
+        ``done`` as one ``[n, kv_heads, size, head_dim]`` batch per kind (each block its own
+        statistics and low rank, GEAR section 3.3) and add them to their chunk."""
+        rows: list[int] = []
+        starts: list[int] = []
+        for i, count in counts:
+            rows += [i] * count
+            starts += range(self.rows[i].done, self.rows[i].done + count * size, size)
+        parts = []
+        for kind, states in (("keys", keys), ("values", values)):
+            pieces = []
+            for i, count in counts:
+                lo = self.rows[i].done - origin
+                # [h, count * size, d] -> [count, h, size, d]: one batch element per block
+                pieces.append(states[i, :, lo : lo + count * size].unflatten(1, (count, size)))
+            # a copy: what is kept must not alias the states
+            blocks = torch.cat([p.transpose(0, 1) for p in pieces])
+            blocks = blocks.to(self.storage_dtype or blocks.dtype)
+            parts.append(compress(blocks, self.config.for_kind(kind, prefill), kind))
+        device = keys.device
+        new = _Chunk(
+            size,
+            parts[0],
+            parts[1],
+            torch.tensor(rows, device=device),
+            torch.tensor(starts, device=device),
+            min(starts),
+        )
+        if self.workspace:  # attention at later steps sees the decompressed blocks
+            new.scatter(keys, values, origin)
+        key = (self.config.for_kind("keys", prefill), self.config.for_kind("values", prefill), size)
+        if key in self.chunks:
+            self.chunks[key].extend(new)
+        else:
+            self.chunks[key] = new
+        for i, count in counts:
+            self.rows[i].done += count * size
+        self.compressions += len(rows)
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """Every compressed block as ``(row, start, size)``, sorted."""
+        found = []
+        for chunk in self.chunks.values():
+            pairs = zip(chunk.rows.tolist(), chunk.starts.tolist(), strict=True)
+            found += [(row, start, chunk.size) for row, start in pairs]
+        return sorted(found)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the states :meth:`update` returns next."""
@@ -232,16 +434,35 @@ class GearLayer(DynamicLayer):
         return self.sliding_window if self.is_sliding else -1
 
     def nbytes(self) -> int:
-        """Bytes held: compressed blocks plus every row's full-precision buffer."""
+        """Bytes held: compressed blocks plus every row's full-precision buffer
+        (``[max(done, first), seq)`` of each row, padding excluded)."""
         if not self.is_initialized:
             return 0
         _, heads, _, dim = self.keys.shape
         per_token = 2 * heads * dim * self.keys.element_size()
-        held = 0
-        for row in self.rows:
-            held += sum(b.nbytes for b in row.blocks)
-            held += (self.cumulative_length - max(row.done, row.first)) * per_token
-        return held
+        buffers = sum(self.cumulative_length - max(row.done, row.first) for row in self.rows)
+        return sum(chunk.nbytes for chunk in self.chunks.values()) + buffers * per_token
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Resident bytes, measured from the tensors kept: ``compressed`` (the chunks'
+        compressed parts), ``index`` (their block index), ``buffers`` (memory-true mode: the
+        full-precision tail) and ``workspace`` (workspace mode: the decompressed workspace, its
+        buffer tokens included)."""
+        kept = self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+        return {
+            "compressed": sum(chunk.nbytes for chunk in self.chunks.values()),
+            "index": sum(chunk.index_nbytes for chunk in self.chunks.values()),
+            "buffers": 0 if self.workspace else kept,
+            "workspace": kept if self.workspace else 0,
+        }
+
+    def entries(self) -> int:
+        """K/V entries cached here (padding excluded), kept compressed or in the buffer."""
+        if not self.is_initialized:
+            return 0
+        _, heads, _, dim = self.keys.shape
+        tokens = sum(self.cumulative_length - max(row.first, self.offset) for row in self.rows)
+        return 2 * heads * dim * tokens
 
     def full_precision_nbytes(self) -> int:
         """Bytes a full-precision ``DynamicCache`` (built with the model config) holds here."""
@@ -254,16 +475,15 @@ class GearLayer(DynamicLayer):
         return 2 * batch * heads * tokens * dim * self.keys.element_size()
 
     def workspace_nbytes(self) -> int:
-        """Bytes of the decompressed workspace (not counted in :meth:`nbytes`)."""
-        if not self.is_initialized:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        """Bytes of the decompressed workspace (workspace mode; 0 in memory-true mode)."""
+        return self.memory_breakdown()["workspace"]
 
     def reset(self) -> None:
         super().reset()
         self.cumulative_length = 0
         self.offset = 0
         self.rows = []
+        self.chunks = {}
         self.compressions = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -293,8 +513,18 @@ class GearCache(Cache):
     ``config.block_size`` (default 64). Give ``model_config`` (the model's ``config``) to keep
     sliding-window layers windowed. ``storage_dtype`` (e.g. ``torch.float16``, as a half-precision
     cache holds K/V) is the dtype blocks are compressed in (kept outliers are stored in it);
-    ``None``: the model's dtype. Use as ``model.generate(ids, past_key_values=GearCache(...))``
+    ``None``: the model's dtype. ``prompt_compression="oneshot"`` compresses the prompt as one
+    block instead of blocks of ``n_b`` (:data:`PROMPT_COMPRESSIONS`; decoding is block-wise either
+    way). Use as ``model.generate(ids, past_key_values=GearCache(...))``
     or in plain forward calls; for a left-padded batch call :meth:`set_padding` first.
+
+    Memory (the default, ``workspace=False``, *memory-true*): between steps a layer keeps its
+    compressed blocks and a full-precision buffer of fewer than ``n_b`` tokens, nothing else; each
+    update reconstructs what attention reads into one :class:`Transient` buffer shared by all
+    layers. ``workspace=True`` is the speed option: every layer also keeps its decompressed
+    blocks in full precision (a per-layer workspace as large as a full-precision cache), so a
+    step decompresses nothing. :meth:`resident_nbytes` counts all of it,
+    :meth:`memory_breakdown` by kind; :meth:`nbytes` only compressed blocks plus buffers.
     """
 
     def __init__(
@@ -303,6 +533,8 @@ class GearCache(Cache):
         *,
         model_config: Any = None,
         storage_dtype: torch.dtype | None = None,
+        prompt_compression: str = "blockwise",
+        workspace: bool = False,
         **overrides: Any,
     ) -> None:
         _check_transformers_version()
@@ -323,13 +555,38 @@ class GearCache(Cache):
         ):
             raise ConfigError(f"storage_dtype must be a float torch.dtype, got {storage_dtype!r}")
         self.storage_dtype = storage_dtype
+        if prompt_compression not in PROMPT_COMPRESSIONS:
+            raise ConfigError(
+                f"prompt_compression must be one of {PROMPT_COMPRESSIONS}, got {prompt_compression!r}"
+            )
+        self.prompt_compression = prompt_compression
+        self.workspace = bool(workspace)
+        self.transient = None if self.workspace else Transient()
         self._padding: torch.Tensor | None = None
         if model_config is None:
             super().__init__(layers=[])
             self._lazy_layers = True
         else:
-            super().__init__(layers=[GearLayer(self, w) for w in _layer_windows(model_config)])
+            arch = model_arch(model_config)
+            unsupported = {layer.attention_type for layer in arch.layers} - {FULL, SLIDING}
+            if unsupported:
+                raise CacheError(
+                    f"GearCache supports full and sliding attention layers, not {unsupported}"
+                )
+            super().__init__(layers=[self._new_layer(w) for w in arch.sliding_windows])
             self._lazy_layers = False
+
+    def _new_layer(self, sliding_window: int | None = None) -> GearLayer:
+        return GearLayer(
+            self.config,
+            self.block_size,
+            sliding_window=sliding_window,
+            storage_dtype=self.storage_dtype,
+            padding_starts=self.padding_starts,
+            prompt_compression=self.prompt_compression,
+            workspace=self.workspace,
+            transient=self.transient,
+        )
 
     def update(
         self,
@@ -342,7 +599,7 @@ class GearCache(Cache):
         """Update layer ``layer_idx`` (created on first use when no ``model_config`` was given)."""
         if self._lazy_layers:
             while len(self.layers) <= layer_idx:
-                self.layers.append(GearLayer(self))
+                self.layers.append(self._new_layer())
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
@@ -381,24 +638,37 @@ class GearCache(Cache):
         return sum(layer.compressions for layer in self.layers)
 
     def nbytes(self) -> int:
-        """Bytes held by every layer: compressed blocks plus full-precision buffers."""
+        """Bytes held by every layer: compressed blocks plus each row's full-precision buffer
+        (padding excluded). Not counted: any workspace, the transient, the block index (see
+        :meth:`resident_nbytes`)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Resident bytes by kind, measured from the tensors kept: ``compressed``, ``index``,
+        ``buffers`` (memory-true: full-precision tails), ``workspace`` (workspace mode:
+        decompressed workspaces with their buffer tokens) summed over layers, and ``transient``
+        (the one reconstruction buffer shared by all layers, memory-true mode)."""
+        totals = dict.fromkeys(("compressed", "index", "buffers", "workspace"), 0)
+        for layer in self.layers:
+            for name, size in layer.memory_breakdown().items():
+                totals[name] += size
+        totals["transient"] = 0 if self.transient is None else self.transient.nbytes
+        return totals
+
+    def resident_nbytes(self) -> int:
+        """Every byte the cache keeps allocated: the sum of :meth:`memory_breakdown`."""
+        return sum(self.memory_breakdown().values())
 
     def full_precision_nbytes(self) -> int:
         """Bytes a full-precision ``DynamicCache(config=...)`` of the same length would hold."""
         return sum(layer.full_precision_nbytes() for layer in self.layers)
 
     def workspace_nbytes(self) -> int:
-        """Bytes of the decompressed per-layer workspaces (a speed cache, not counted as held)."""
+        """Bytes of the decompressed per-layer workspaces (``workspace=True``; else 0), counted in
+        :meth:`resident_nbytes`, not in :meth:`nbytes`."""
         return sum(layer.workspace_nbytes() for layer in self.layers)
 
     def bits_per_entry(self) -> float:
         """Measured bits held per cached K/V entry (padding excluded)."""
-        entries = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                _, heads, _, dim = layer.keys.shape
-                lo = layer.offset
-                tokens = sum(layer.cumulative_length - max(r.first, lo) for r in layer.rows)
-                entries += 2 * heads * dim * tokens
+        entries = sum(layer.entries() for layer in self.layers)
         return 8 * self.nbytes() / entries if entries else 0.0

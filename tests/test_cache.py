@@ -13,8 +13,8 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from gear_lab import load_model
 from gear_lab.cache import GearCache
-from gear_lab.capture import corpus_texts
 from gear_lab.compression import get_preset
+from gear_lab.corpus import corpus_texts
 from gear_lab.errors import CacheError, ConfigError
 
 HEADS, DIM = 2, 8
@@ -45,11 +45,11 @@ def _feed(cache: GearCache, prompt: int, steps: int, batch: int = 1, seed: int =
     steps=st.integers(0, 12),
     block=st.integers(1, 6),
     preset=st.sampled_from(["kivi", "quant"]),
+    workspace=st.booleans(),
 )
-def test_streaming_invariants(prompt, steps, block, preset):
+def test_streaming_invariants(prompt, steps, block, preset, workspace):
     """Each block compressed once, buffer < n_b, new states returned exactly, past = blocks."""
-    cache = GearCache(preset, block_size=block, bits=2)
-    calls: list[tuple[int, int]] = []
+    cache = GearCache(preset, block_size=block, bits=2, workspace=workspace)
     for k, v, (out_k, out_v) in _feed(cache, prompt, steps):
         layer = cache.layers[0]
         row = layer.rows[0]
@@ -58,25 +58,30 @@ def test_streaming_invariants(prompt, steps, block, preset):
         assert 0 <= seq - row.done < block  # the buffer never reaches n_b
         assert row.done == (seq // block) * block
         assert cache.compressions == seq // block  # every full block once, nothing re-compressed
-        starts = [(b.start, b.count) for b in row.blocks]
-        covered = [s + i * block for s, c in starts for i in range(c)]
-        assert covered == list(range(0, row.done, block))
-        calls = starts
+        assert layer.blocks() == [(0, s, block) for s in range(0, row.done, block)]
+        assert len(layer.chunks) == (row.done > 0)  # one config and size: one chunk
         # the newest states reach attention in full precision, the past as blocks + buffer
         q = 1 if seq > prompt else prompt
         assert torch.equal(out_k[..., -q:, :], k[..., -q:, :])
         assert torch.equal(out_v[..., -q:, :], v[..., -q:, :])
         # bytes held: compressed parts (measured) + full-precision buffer
         buffer = (seq - row.done) * 2 * HEADS * DIM * 4
-        assert cache.nbytes() == sum(b.nbytes for b in row.blocks) + buffer
+        compressed = sum(c.keys.nbytes + c.values.nbytes for c in layer.chunks.values())
+        assert cache.nbytes() == compressed + buffer
         assert cache.full_precision_nbytes() == 2 * HEADS * DIM * 4 * seq
-    # the workspace (what the next step attends to) is the decompressed blocks + the buffer
+        # memory-true: only the buffer stays in full precision; workspace: everything
+        assert layer.keys.shape[-2] == (seq if workspace else seq - row.done)
+        assert torch.equal(
+            layer.keys[..., layer.keys.shape[-2] - (seq - row.done) :, :], k[..., row.done :, :]
+        )
+        assert cache.workspace_nbytes() == (2 * HEADS * DIM * 4 * seq if workspace else 0)
+    # what the next step attends to: the decompressed blocks, the buffer, the new state
     layer = cache.layers[0]
-    for b in layer.rows[0].blocks:
-        blocks = b.keys.decompress().transpose(0, 1).flatten(1, 2)[None]
-        assert torch.equal(layer.keys[..., b.start : b.start + b.count * block, :], blocks)
-    assert torch.equal(layer.keys[..., layer.rows[0].done :, :], k[..., layer.rows[0].done :, :])
-    assert calls == [(b.start, b.count) for b in layer.rows[0].blocks]
+    done, seq = layer.rows[0].done, k.shape[-2]
+    want = [c.keys.decompress().transpose(0, 1).flatten(1, 2)[None] for c in layer.chunks.values()]
+    next_k, next_v = _states(1, 1, seed=9)
+    seen, _ = layer.update(next_k, next_v)
+    assert torch.equal(seen, torch.cat([*want, k[..., done:, :], next_k], dim=-2))
 
 
 def test_bytes_shrink_when_a_block_is_compressed():
@@ -91,30 +96,36 @@ def test_bytes_shrink_when_a_block_is_compressed():
     assert 0 < cache.bits_per_entry() < 32
 
 
-def test_kept_blocks_own_their_memory():
-    """Several blocks at once through the identity: kept tensors never alias the workspace."""
-    cache = GearCache("none", block_size=2)
+@pytest.mark.parametrize("workspace", [False, True])
+def test_kept_blocks_own_their_memory(workspace):
+    """Several blocks at once through the identity: kept tensors never alias the workspace,
+    the transient or the input."""
+    cache = GearCache("none", block_size=2, workspace=workspace)
     k, v = _states(1, 7, seed=5)
-    cache.update(k, v, 0)
+    out = cache.update(k, v, 0)
     layer = cache.layers[0]
-    (block,) = layer.rows[0].blocks
-    assert block.count == 3
-    workspace = {layer.keys.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
-    for t in [*block.keys.tensors().values(), *block.values.tensors().values()]:
-        assert t.untyped_storage().data_ptr() not in workspace
-    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    (chunk,) = layer.chunks.values()
+    assert layer.blocks() == [(0, 0, 2), (0, 2, 2), (0, 4, 2)]
+    given = {t.untyped_storage().data_ptr() for t in (k, v, *out)}
+    kept = [*chunk.keys.tensors().values(), *chunk.values.tensors().values()]
+    for t in [*kept, layer.keys, layer.values]:
+        assert t.untyped_storage().data_ptr() not in given
+    kept = slice(None) if workspace else slice(6, None)
+    assert torch.equal(layer.keys, k[..., kept, :]) and torch.equal(layer.values, v[..., kept, :])
 
 
 def test_storage_dtype_compresses_half_precision_blocks():
-    cache = GearCache("gear", block_size=4, bits=4, rank=1, storage_dtype=torch.float16)
+    cache = GearCache(
+        "gear", block_size=4, bits=4, rank=1, storage_dtype=torch.float16, workspace=True
+    )
     k, v = _states(1, 9, seed=4)
     out = cache.update(k, v, 0)
     assert torch.equal(out[0], k)  # the step's own states stay exact
     layer = cache.layers[0]
     assert layer.keys.dtype == torch.float32
-    block = layer.rows[0].blocks[0]
-    assert block.keys.dtype == torch.float16 and block.keys.shape == (2, HEADS, 4, DIM)
-    want = block.keys.decompress().float().transpose(0, 1).flatten(1, 2)[None]
+    (chunk,) = layer.chunks.values()
+    assert chunk.keys.dtype == torch.float16 and chunk.keys.shape == (2, HEADS, 4, DIM)
+    want = chunk.keys.decompress().float().transpose(0, 1).flatten(1, 2)[None]
     assert torch.equal(layer.keys[..., :8, :], want)
     with pytest.raises(ConfigError):
         GearCache("gear", storage_dtype=torch.int8)
@@ -140,8 +151,8 @@ def test_padding_never_enters_a_rows_blocks():
         out_batch = batch.update(bk[..., s : s + 1, :], bv[..., s : s + 1, :], 0)
         assert torch.equal(out_batch[0][:1, :, pad:], out_alone[0])
         assert torch.equal(out_batch[1][:1, :, pad:], out_alone[1])
-    row, solo = batch.layers[0].rows[0], alone.layers[0].rows[0]
-    assert [b.start - pad for b in row.blocks] == [b.start for b in solo.blocks]
+    row = [s - pad for r, s, _ in batch.layers[0].blocks() if r == 0]
+    assert row == [s for _, s, _ in alone.layers[0].blocks()]
     assert batch.compressions == alone.compressions + (pad + real + steps) // n_b
 
 
@@ -167,7 +178,7 @@ def test_sliding_layers_follow_dynamic_sliding_window_layer():
         full = cache.update(k[..., lo:hi, :], v[..., lo:hi, :], 1)
         assert torch.equal(full[0], k[..., :hi, :])
         layer = cache.layers[0]
-        assert all(b.start + b.count * n_b > hi - (window - 1) for b in layer.rows[0].blocks)
+        assert all(start + n_b > hi - (window - 1) for _, start, _ in layer.blocks())
         assert cache.full_precision_nbytes() == 2 * HEADS * DIM * 4 * (hi + min(hi, window - 1))
 
 
@@ -274,12 +285,11 @@ def test_gemma3_sliding_layers_keep_their_window():
     assert cache.is_sliding == [t == "sliding_attention" for t in model.config.layer_types]
     seq = ids.shape[1] + new - 1  # the last token is never cached
     for layer in cache.layers:
-        blocks = layer.rows[0].blocks
-        held = sum(b.count for b in blocks)
+        starts = [start for _, start, _ in layer.blocks()]
         if layer.is_sliding:
             keep_from = seq - (window - 1)
-            assert blocks[0].start >= n_b  # the first block left the window and was dropped
-            assert all(b.start + b.count * n_b > keep_from for b in blocks)
-            assert held < layer.compressions
+            assert starts[0] >= n_b  # the first block left the window and was dropped
+            assert all(start + n_b > keep_from for start in starts)
+            assert len(starts) < layer.compressions
         else:
-            assert blocks[0].start == 0 and held == layer.compressions == seq // n_b
+            assert starts[0] == 0 and len(starts) == layer.compressions == seq // n_b

@@ -14,16 +14,16 @@ dimension); a trailing partial block is kept in full precision and reported as s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
+from gear_lab.compression.config import CompressionConfig, TensorCompression
 from gear_lab.compression.fp8 import Fp8Tensor, fp8_quantize
 from gear_lab.compression.lowrank import LowRank, power_lowrank, svd_lowrank
 from gear_lab.compression.outliers import Outliers, extract_outliers, outlier_count
-from gear_lab.compression.presets import CompressionConfig, TensorCompression
 from gear_lab.compression.quantize import (
     Quantized,
     compute_dtype,
@@ -110,7 +110,8 @@ class Compressed:
         else:
             y = torch.zeros(self.body_shape, dtype=work, device=self.device)
         if self.lowrank is not None:
-            y = y + self.lowrank.product(work)
+            # in place: one reconstruction-sized temporary less
+            y = y.add_(self.lowrank.product(work))
         if self.outliers is not None:
             y = self.outliers.scatter_into(y)
         if self.config.rotate:
@@ -124,9 +125,100 @@ class Compressed:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -2)
 
     def decompress(self) -> Tensor:
-        """``X_hat`` with the shape, dtype and device of the input."""
-        body = None if self.body_shape is None else self._body().to(self.dtype)
+        """``X_hat`` with the shape, dtype and device of the input. The reconstruction, made in
+        the compute dtype from finite parts, is clamped into the input dtype's finite range
+        (where the input lay), so e.g. a float16 top code at 65504 + rounding stays finite."""
+        body = None
+        if self.body_shape is not None:
+            limit = torch.finfo(self.dtype).max
+            body = self._body().clamp_(-limit, limit).to(self.dtype)
         return self._join(body, self.full_precision)
+
+    @classmethod
+    def cat(cls, parts: Sequence[Compressed]) -> Compressed:
+        """One :class:`Compressed` of ``parts`` stacked along their leading (block) dimension,
+        e.g. GEAR's streaming blocks ``[n_i, kv_heads, n_b, head_dim]`` (Kang et al. 2024,
+        section 3.3) -> ``[sum n_i, kv_heads, n_b, head_dim]``; it decompresses to the
+        concatenation of the parts' decompressions.
+
+        Parts need the same config, dtype, device and trailing shape. Packed codes are 1-D and
+        row-major, so the bytes of each leading element concatenate exactly when it holds a
+        multiple of 8 codes (:class:`TensorError` otherwise); every other kept tensor (scales,
+        zero points, outlier values and indices, low-rank factors, full-precision tokens) is
+        concatenated on dim 0.
+        """
+        parts = list(parts)
+        if not parts:
+            raise TensorError("Compressed.cat needs at least one part")
+        first = parts[0]
+        for part in parts:
+            first._check_stackable(part)
+        n = sum(part.shape[0] for part in parts)
+        return first._restacked(n, lambda name: [getattr(p, name) for p in parts], torch.cat)
+
+    def select(self, index: Tensor) -> Compressed:
+        """The leading elements (blocks) at ``index`` (a 1-D integer tensor, on this device)."""
+        self._check_stackable(self)
+        return self._restacked(
+            len(index), lambda name: [getattr(self, name)], lambda ts: ts[0].index_select(0, index)
+        )
+
+    def _check_stackable(self, other: Compressed) -> None:
+        """Raise :class:`TensorError` unless ``other`` stacks with ``self`` on dim 0."""
+        same = (
+            other.config == self.config
+            and other.dtype == self.dtype
+            and other.device == self.device
+            and other.block_size == self.block_size
+            and len(self.shape) >= 3
+            and other.shape[1:] == self.shape[1:]
+            and (other.body_shape is None) == (self.body_shape is None)
+            and (self.body_shape is None or other.body_shape[1:] == self.body_shape[1:])
+            and all(
+                (getattr(other, name) is None) == (getattr(self, name) is None)
+                for name in ("base", "outliers", "lowrank", "full_precision")
+            )
+        )
+        if not same:
+            raise TensorError("Compressed parts differ in config, dtype, device or trailing shape")
+        if isinstance(self.base, Quantized) and math.prod(self.base.shape[1:]) % 8:
+            raise TensorError("packed codes of a block must be a multiple of 8 codes to stack")
+
+    def _restacked(
+        self,
+        n: int,
+        gather: Callable[[str], list],
+        join: Callable[[list[Tensor]], Tensor],
+    ) -> Compressed:
+        """This container with ``n`` leading elements: ``gather(name)`` lists the attribute
+        ``name`` of every source, ``join`` makes one tensor of their tensors on dim 0 (packed
+        codes viewed as ``[elements, bytes]`` first)."""
+
+        def piece(name: str):
+            sources = gather(name)
+            if sources[0] is None:
+                return None
+            changes: dict[str, object] = {}
+            for f in fields(sources[0]):
+                value = getattr(sources[0], f.name)
+                if f.name == "codes":  # 1-D packed: every leading element owns equal bytes
+                    rows = [s.codes.view(s.shape[0], -1) for s in sources]
+                    changes["codes"] = join(rows).reshape(-1)
+                elif isinstance(value, Tensor):
+                    changes[f.name] = join([getattr(s, f.name) for s in sources])
+                elif f.name == "shape":
+                    changes["shape"] = torch.Size((n, *value[1:]))
+            return replace(sources[0], **changes)
+
+        return replace(
+            self,
+            shape=torch.Size((n, *self.shape[1:])),
+            body_shape=None if self.body_shape is None else torch.Size((n, *self.body_shape[1:])),
+            base=piece("base"),
+            outliers=piece("outliers"),
+            lowrank=piece("lowrank"),
+            full_precision=None if self.full_precision is None else join(gather("full_precision")),
+        )
 
     def outlier_mask(self) -> Tensor:
         """Bool like the input: true where an outlier is kept (in rotated coordinates when
@@ -188,6 +280,9 @@ def _compress_body(
     source = body
     if tc.rotate:
         source = rotate(body.to(work), tc.seed).to(body.dtype)
+        if not torch.isfinite(torch.stack(torch.aminmax(source))).all():
+            name = str(body.dtype).removeprefix("torch.")
+            raise TensorError(f"rotated values exceed the {name} range; compress without rotate")
     outliers = None
     if outlier_count(tc.outliers, body.shape[group_dim(tc.outlier_axis)]) > 0:
         outliers = extract_outliers(source, tc.outliers, tc.outlier_mode, tc.outlier_axis, ignore)
@@ -299,7 +394,10 @@ def compress(
     ``ignore`` (bool, broadcastable to ``x``, e.g. ``[batch, 1, seq, 1]`` for padding) marks
     entries left out of the outlier choice, the quantization statistics and the low-rank fit.
     NaN / Inf input raises :class:`TensorError`; a rank above ``min(seq, head_dim)`` (of a
-    block) raises :class:`ConfigError`.
+    block) raises :class:`ConfigError`. The result always decompresses to finite values: input
+    whose scales, low-rank factors or rotation do not fit their storage dtype raises
+    :class:`TensorError`, and values far below the float16 resolution of the scales warn with
+    :class:`~gear_lab.errors.PrecisionWarning`.
     """
     tc, _ = _resolve(config, kind)
     return compress_ranks(x, config, [tc.rank], kind, ignore=ignore)[0]

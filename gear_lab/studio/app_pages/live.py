@@ -8,29 +8,34 @@ per step along the full-precision continuation.
 from __future__ import annotations
 
 import html
-from pydoc_data.topics import topics
+import warnings
 
 import streamlit as st
 
 from gear_lab import plots
 from gear_lab.cache import DEFAULT_BLOCK_SIZE
-from gear_lab.errors import GearLabError
+from gear_lab.constants import DEFAULT_MODEL
+from gear_lab.corpus import pydoc_topic
+from gear_lab.errors import GearLabError, NothingCompressedWarning
 from gear_lab.fidelity import check_generation
 from gear_lab.studio import state
+from gear_lab.units import format_bytes
 
 # longer than a few cache blocks: the newest block_size tokens always stay full precision
-DEFAULT_PROMPT = topics["for"][:800]
+DEFAULT_PROMPT = pydoc_topic("for")[:800]
 PROMPT_TAIL = 160  # characters of the prompt shown before each generation
 
 st.title("Live generation")
 st.caption(
-    f"The embedded model ({state.MODEL}) generates greedily twice: with a full-precision cache "
-    "and with the compressed one. The first differing token is highlighted. The cache keeps "
+    f"The chosen model ({DEFAULT_MODEL} by default) generates greedily twice: with a "
+    "full-precision cache and with the compressed one. The first differing token is highlighted. "
+    "The cache keeps "
     "the newest `block_size` tokens in full precision, so a prompt shorter than one block is not "
     "compressed at all."
 )
 left, right = st.columns([3, 2])
 with left:
+    model_name = state.model_picker("live-model")
     prompt = st.text_area("prompt", DEFAULT_PROMPT, height=200, key="live-prompt")
     max_new_tokens = st.slider("new tokens", 4, 128, 32, key="live-max-new-tokens")
 with right, st.expander("method", expanded=True):
@@ -42,12 +47,22 @@ go = st.button("Generate", type="primary", disabled=config is None, key="live-ru
 if go and config is not None:
     try:
         with st.status("generating ...", expanded=True) as status:
-            st.write("loading the model (once per server)")
-            model, tokenizer = state.model()
+            st.write(f"loading {model_name} (once per server)")
+            model, tokenizer = state.model(model_name)
             st.write(f"generating {max_new_tokens} tokens with both caches, then scoring each step")
-            check = check_generation(
-                model, tokenizer, prompt, config, max_new_tokens=max_new_tokens
-            )
+            bar = st.progress(0.0, text="starting")
+
+            def on_step(done: int, total: int, phase: str) -> None:
+                bar.progress(min(done / max(total, 1), 1.0), text=f"{phase}: {done}/{total} steps")
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NothingCompressedWarning)
+                check = check_generation(
+                    model, tokenizer, prompt, config, max_new_tokens, progress=on_step
+                )
+            st.session_state["live-warnings"] = [
+                str(w.message) for w in caught if issubclass(w.category, NothingCompressedWarning)
+            ]
             status.update(
                 label=f"generated with `{check.method}`", state="complete", expanded=False
             )
@@ -55,6 +70,7 @@ if go and config is not None:
         state.show_error(err)
     else:
         st.session_state["live-result"] = check
+        st.session_state["live-tokenizer"] = tokenizer  # decodes the result, whatever is picked
 
 check = st.session_state.get("live-result")
 if check is None:
@@ -64,7 +80,7 @@ if check is None:
 
 def highlighted(prompt: str, ids: list[int], divergence: int | None) -> str:
     """HTML of the prompt's tail (grey) and the generation, highlighted from the first divergence."""
-    _, tokenizer = state.model()
+    tokenizer = st.session_state["live-tokenizer"]
     cut = len(ids) if divergence is None else divergence
     same = html.escape(tokenizer.decode(ids[:cut], skip_special_tokens=True))
     rest = html.escape(tokenizer.decode(ids[cut:], skip_special_tokens=True))
@@ -86,25 +102,39 @@ c[1].metric("same tokens", f"{check.token_agreement:.0%}")
 c[2].metric("mean KL per step", state.fmt(check.mean_kl))
 c[3].metric("top-1 agreement", f"{check.top1_agreement:.0%}")
 full, comp = st.columns(2)
-for col, title, ids, nbytes, tps in (
-    (full, "full precision", check.full_ids, check.full_cache_bytes, check.full_tokens_per_s),
+for col, title, ids, nbytes, resident, tps in (
+    (
+        full,
+        "full precision",
+        check.full_ids,
+        check.full_cache_bytes,
+        check.full_resident_bytes,
+        check.full_tokens_per_s,
+    ),
     (
         comp,
         "compressed",
         check.compressed_ids,
         check.compressed_cache_bytes,
+        check.compressed_resident_bytes,
         check.compressed_tokens_per_s,
     ),
 ):
     with col:
         st.markdown(f"**{title}**")
         st.html(highlighted(check.prompt, ids, check.first_divergence))
-        m = st.columns(2)
-        m[0].metric(f"{title} cache", f"{nbytes / 2**10:.1f} KiB")
-        m[1].metric(f"{title} tok/s", f"{tps:.1f}")
+        m = st.columns(3)
+        m[0].metric(f"{title} cache", format_bytes(nbytes))
+        m[1].metric(f"{title} resident", format_bytes(resident))
+        m[2].metric(f"{title} tok/s", f"{tps:.1f}")
+for message in st.session_state.get("live-warnings", []):
+    st.warning(message)
 st.caption(
     f"cache ratio: {check.full_cache_bytes / max(check.compressed_cache_bytes, 1):.2f}x smaller; "
-    "sizes are measured from the tensors each cache holds."
+    "sizes are measured from the tensors each cache holds. *cache*: the K/V held (compressed "
+    "blocks plus full-precision buffers); *resident*: every byte the cache keeps allocated "
+    "(adds the one reconstruction buffer shared by all layers, or the decompressed workspace "
+    "of `GearCache(workspace=True)`)."
 )
 st.plotly_chart(
     plots.fig_generation_steps(check.kl, check.top1, divergence=check.first_divergence),
