@@ -19,6 +19,7 @@ budget, and GEAR's low rank and outliers cost more bits than they save at these 
 KL <= 0.003 and top-1 >= 97 %; at <= 3 bits KL <= 0.10.
 
     python benchmarks/perplexity.py [--windows 8] [--rows table|tuning|all] [--only SUBSTRING]
+                                    [--model qwen2.5-coder-1.5b]  (the notes' rows: SmolLM2 only)
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import torch
 
 from gear_lab import load_model
 from gear_lab.cache import GearCache
+from gear_lab.cache_specs import CacheSpec
 from gear_lab.compression import CompressionConfig, get_preset
+from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import GearLabError
-from gear_lab.fidelity import CacheSpec, perplexity_check
+from gear_lab.fidelity import perplexity_check
 
 # (label, bits, perplexity, KL, top-1) of the notes' table: 8 windows, full precision 13.16
 NOTES = [
@@ -104,6 +107,28 @@ TUNING: dict[str, CompressionConfig] = {
     "Hadamard GEAR-L 2-bit r 1 (one block)": get_preset(
         "gear-l", bits=2, rank=1, rotate=True, block_size=512
     ),
+    # the quality benchmark's best GEAR K/V mixes on Qwen2.5-Coder-1.5B (whole prefill, one block)
+    "GEAR mix ~5: K 4b G32 r1 fp8, V 4b G64 s 1/64 (one block)": get_preset(
+        "quant",
+        key_bits=4,
+        key_group_size=32,
+        key_rank=1,
+        key_lowrank="svd",
+        key_factor_dtype="float8_e4m3",
+        value_bits=4,
+        value_group_size=64,
+        value_outliers=1 / 64,
+        block_size=512,
+    ),
+    "GEAR mix ~3: K 3b Gall, V 2b G64 s 1/64 (one block)": get_preset(
+        "quant",
+        key_bits=3,
+        key_group_size=None,
+        value_bits=2,
+        value_group_size=64,
+        value_outliers=1 / 64,
+        block_size=512,
+    ),
 }
 
 
@@ -126,10 +151,13 @@ class Line:
     ppl: float
     kl: float
     top1: float
+    kl_p99: float | None = None  # tail statistics: measured rows only
+    kl_p999: float | None = None
+    delta_ci: float | None = None  # 95 % half-width of the perplexity change across windows
 
 
-def measure(rows: dict, windows: int) -> list[Line]:
-    model, tokenizer = load_model("smollm2-135m", device="cpu")
+def measure(rows: dict, windows: int, model_name: str = DEFAULT_MODEL) -> list[Line]:
+    model, tokenizer = load_model(model_name, device="cpu")
     lines = []
     for label, spec in rows.items():
         if isinstance(spec, CompressionConfig):
@@ -148,6 +176,9 @@ def measure(rows: dict, windows: int) -> list[Line]:
                 r.perplexity_compressed,
                 r.kl,
                 r.top1_agreement,
+                r.kl_p99,
+                r.kl_p999,
+                r.delta_perplexity_ci,
             )
         )
         print(
@@ -183,24 +214,37 @@ def main(argv: list[str] | None = None) -> int:
         "--only", help="comma-separated substrings: measure only rows whose label has one"
     )
     parser.add_argument("--json", action="store_true", help="print JSON records instead")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     args = parser.parse_args(argv)
     rows = {"table": TABLE, "tuning": TUNING, "all": {**TABLE, **TUNING}}[args.rows]
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         rows = {k: v for k, v in rows.items() if any(w in k for w in wanted)}
-    lines = measure(rows, args.windows)
+    lines = measure(rows, args.windows, args.model)
     notes = [Line(label, "notes", b, 13.16, p, k, t) for label, b, p, k, t in NOTES]
+    if args.model != DEFAULT_MODEL:  # the notes measured SmolLM2 only
+        notes = []
     if args.json:
         print(json.dumps([vars(x) for x in lines + notes], indent=1))
         return 0
     print(
-        f"SmolLM2-135M-Instruct, {args.windows} windows x (prefill 512 + 128 scored) of pydoc; "
-        "'notes' rows are quoted from gear-notes.md (8 windows)"
+        f"{args.model}, {args.windows} windows x (prefill 512 + 128 scored) of pydoc"
+        + ("; 'notes' rows are quoted from gear-notes.md (8 windows)" if notes else "")
     )
-    print(f"{'method':58} {'source':8} {'bits':>5} {'ppl':>13} {'KL':>7} {'top-1':>6}")
+    print(
+        f"{'method':58} {'source':8} {'bits':>5} {'ppl':>13} {'+/- 95%':>8} {'KL':>7} "
+        f"{'KL p99':>7} {'p99.9':>7} {'top-1':>6}"
+    )
     for x in sorted(lines + notes, key=lambda x: (-x.bits, x.source)):
         ppl = f"{x.ppl_full:.2f}->{x.ppl:.2f}"
-        print(f"{x.label:58} {x.source:8} {x.bits:5.2f} {ppl:>13} {x.kl:7.4f} {x.top1:6.1%}")
+        tail = [
+            "" if v is None else f"{v:.4f}" if v == v else "n/a"
+            for v in (x.delta_ci, x.kl_p99, x.kl_p999)
+        ]
+        print(
+            f"{x.label:58} {x.source:8} {x.bits:5.2f} {ppl:>13} {tail[0]:>8} {x.kl:7.4f} "
+            f"{tail[1]:>7} {tail[2]:>7} {x.top1:6.1%}"
+        )
     for line in verdicts(lines):
         print(line)
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
+from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.studio import STUDIO_SCRIPT
 
 
@@ -45,7 +46,7 @@ def measure(at: AppTest, change: Callable[[AppTest, int], None], repeat: int) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dump", type=Path, default=Path("dumps/smollm2-135m-pydoc.h5"))
+    parser.add_argument("--dump", type=Path, default=Path("dumps") / f"{DEFAULT_MODEL}-pydoc.h5")
     parser.add_argument("--repeat", type=int, default=3, help="reruns per row (median)")
     args = parser.parse_args()
     if not args.dump.is_file():

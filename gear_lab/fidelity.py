@@ -6,188 +6,50 @@
   ``KL(full || compressed)`` and top-1 agreement of the next-token distributions, cache bytes
   and tokens per second of both.
 - :func:`perplexity_check`: the protocol of the reference table of ``gear-notes.md``: consecutive
-  windows of CPython's pydoc topics text; prefill ``prefill`` tokens, compress the whole prefill cache, then
-  teacher-force the next ``continuation`` tokens through the compressed cache in one forward and
-  score their ``continuation`` next-token predictions against a full-precision forward.
+  windows of a built-in corpus (:mod:`gear_lab.corpus`, CPython's pydoc topics); prefill
+  ``prefill`` tokens, compress the whole prefill cache, then teacher-force the next
+  ``continuation`` tokens through the compressed cache in one forward and score their
+  ``continuation`` next-token predictions against a full-precision forward.
 
-A compressed cache is named by a *cache spec*: a :class:`gear_lab.compression.CompressionConfig`,
-a preset name (``"gear"``, ``"kivi"``, ... -> :class:`gear_lab.cache.GearCache`), ``"dynamic"``
-(transformers' full-precision ``DynamicCache``) or ``"quantized:<backend>:<bits>[:<group_size>]"``
-(transformers' ``QuantizedCache`` with the ``quanto`` or ``hqq`` backend, a KIVI-like baseline;
-needs the ``baselines`` extra), or a factory ``model -> Cache`` (named by its ``label`` or
-``__name__``). See :func:`make_cache`.
+The compressed cache is named by a *cache spec* (:mod:`gear_lab.cache_specs`): a
+``CompressionConfig``, a preset name, ``"dynamic"``, a ``"quantized:..."`` baseline or a factory.
+Logit metrics live in :mod:`gear_lab.metrics`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
+from transformers.cache_utils import Cache, QuantizedCache
+from transformers.generation.streamers import BaseStreamer
 
-from gear_lab.cache import GearCache, _layer_windows, cache_kwarg
-from gear_lab.compression import CompressionConfig, get_preset, list_presets
-from gear_lab.errors import CacheError, ConfigError
-
-CacheSpec = CompressionConfig | str | Callable[[torch.nn.Module], Cache]
-
-#: backend name -> the module its QuantizedCache needs
-_QUANTIZED_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
-#: full-precision window (tokens) of the QuantizedCache baseline: the same n_b as GearCache
-QUANTIZED_RESIDUAL_LENGTH = 64
-
-# --------------------------------------------------------------------------------------------
-# metrics on logits (pure functions)
-# --------------------------------------------------------------------------------------------
-
-
-def next_token_kl(reference_logits: Tensor, logits: Tensor) -> Tensor:
-    """``KL(softmax(reference) || softmax(logits))`` in nats over the last axis, in float64.
-
-    ``reference_logits`` and ``logits`` are ``[..., vocab]``; the result is ``[...]``.
-    """
-    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
-    log_q = torch.log_softmax(logits.double(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
-
-
-def top1_agreement(reference_logits: Tensor, logits: Tensor) -> Tensor:
-    """Whether the most likely next token agrees, ``[..., vocab]`` -> bool ``[...]``."""
-    return reference_logits.argmax(dim=-1) == logits.argmax(dim=-1)
-
-
-def token_agreement(reference: list[int], other: list[int]) -> tuple[float, int | None]:
-    """Share of positions where two generations agree (over the longer one), and the first
-    position where they differ (``None`` when identical)."""
-    length = max(len(reference), len(other))
-    if length == 0:
-        return 1.0, None
-    same = [
-        i < len(reference) and i < len(other) and reference[i] == other[i] for i in range(length)
-    ]
-    first = next((i for i, ok in enumerate(same) if not ok), None)
-    return sum(same) / length, first
-
-
-# --------------------------------------------------------------------------------------------
-# caches
-# --------------------------------------------------------------------------------------------
-
-
-def method_label(spec: CacheSpec) -> str:
-    """Human-readable name of a cache spec (a factory's ``label`` or ``__name__``)."""
-    if isinstance(spec, CompressionConfig):
-        return spec.name
-    if callable(spec):
-        return str(getattr(spec, "label", None) or getattr(spec, "__name__", repr(spec)))
-    return str(spec)
-
-
-def make_cache(spec: CacheSpec, model: torch.nn.Module) -> Cache:
-    """A fresh, empty cache for ``model`` described by ``spec`` (see the module docstring).
-
-    Raises :class:`ConfigError` for an unknown spec and :class:`CacheError` when a baseline's
-    backend is not installed (``pip install 'gear-lab[baselines]'``).
-    """
-    if isinstance(spec, CompressionConfig):
-        return GearCache(spec, model_config=model.config)
-    if callable(spec):
-        cache = spec(model)
-        if not isinstance(cache, Cache):
-            raise ConfigError(f"cache factory {method_label(spec)} returned {type(cache).__name__}")
-        return cache
-    if not isinstance(spec, str):
-        raise ConfigError(f"a cache spec is a CompressionConfig or a string, got {spec!r}")
-    if spec == "dynamic":
-        return DynamicCache(config=model.config)
-    if spec.startswith("quantized:"):
-        return _quantized_cache(spec, model)
-    if spec in list_presets():
-        return GearCache(get_preset(spec), model_config=model.config)
-    raise ConfigError(
-        f"unknown cache spec {spec!r}: a preset ({', '.join(list_presets())}), 'dynamic' or "
-        "'quantized:<quanto|hqq>:<bits>[:<group_size>]'"
-    )
-
-
-def parse_quantized_spec(spec: str) -> tuple[str, int, int]:
-    """``"quantized:<backend>:<bits>[:<group_size>]"`` -> ``(backend, bits, group_size)``
-    (group size 64 by default); a malformed spec raises :class:`ConfigError`."""
-    parts = spec.split(":")
-    if len(parts) not in (3, 4) or parts[0] != "quantized" or parts[1] not in _QUANTIZED_BACKENDS:
-        raise ConfigError(
-            f"bad baseline spec {spec!r}: use quantized:<quanto|hqq>:<bits>[:<group_size>]"
-        )
-    try:
-        bits, group = int(parts[2]), int(parts[3]) if len(parts) == 4 else 64
-    except ValueError:
-        raise ConfigError(f"bad baseline spec {spec!r}: bits and group size are integers") from None
-    if not 1 <= bits <= 8 or group < 1:
-        raise ConfigError(f"bad baseline spec {spec!r}: bits in 1..8, group size >= 1")
-    return parts[1], bits, group
-
-
-def _quantized_cache(spec: str, model: torch.nn.Module) -> Cache:
-    backend, bits, group = parse_quantized_spec(spec)
-    if importlib.util.find_spec(_QUANTIZED_BACKENDS[backend].split(".")[0]) is None:
-        raise CacheError(
-            f"the {backend} backend is not installed: pip install 'gear-lab[baselines]'"
-        )
-    try:
-        return QuantizedCache(
-            backend=backend,
-            config=model.config,
-            nbits=bits,
-            q_group_size=group,
-            residual_length=QUANTIZED_RESIDUAL_LENGTH,
-        )
-    except (ValueError, ImportError) as err:
-        raise CacheError(f"QuantizedCache({spec}) unavailable: {str(err).splitlines()[0]}") from err
-
-
-def _tensor_nbytes(obj: Any) -> int:
-    """Bytes of every tensor reachable in ``obj`` (tensors, tensor subclasses, containers)."""
-    if isinstance(obj, Tensor):
-        if hasattr(obj, "__tensor_flatten__") and type(obj) is not Tensor:
-            names, _ = obj.__tensor_flatten__()
-            return sum(_tensor_nbytes(getattr(obj, name)) for name in names)
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(_tensor_nbytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_nbytes(v) for v in obj)
-    return 0
-
-
-def cache_nbytes(cache: Cache) -> int:
-    """Bytes a cache holds, measured: ``GearCache.nbytes()``, else every layer's tensors
-    (full-precision states plus, for ``QuantizedCache``, its quantized states)."""
-    if isinstance(cache, GearCache):
-        return cache.nbytes()
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            total += _tensor_nbytes(getattr(layer, name, None))
-    return total
-
-
-def _cache_entries(model: torch.nn.Module, tokens: int) -> int:
-    """K/V entries a full-precision cache holds for one sequence of ``tokens`` tokens."""
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = 2 * text.num_key_value_heads * head_dim
-    return sum(
-        per_token * (tokens if w is None else min(tokens, w - 1))
-        for w in _layer_windows(model.config)
-    )
+from gear_lab.architecture import model_arch
+from gear_lab.cache import DEFAULT_BLOCK_SIZE, GearCache, cache_kwarg
+from gear_lab.cache_specs import (
+    CacheSpec,
+    cache_nbytes,
+    cache_resident_nbytes,
+    make_cache,
+    method_label,
+)
+from gear_lab.corpus import corpus_ids
+from gear_lab.errors import ConfigError, NothingCompressedWarning
+from gear_lab.metrics import (
+    delta_perplexity,
+    kl_quantiles,
+    next_token_kl,
+    token_agreement,
+    top1_agreement,
+)
+from gear_lab.models import check_context
 
 
 def _sync(device: torch.device) -> None:
@@ -202,7 +64,12 @@ def _sync(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class GenerationCheck:
-    """Result of :func:`check_generation` (``kl`` and ``top1`` are per teacher-forced step)."""
+    """Result of :func:`check_generation` (``kl`` and ``top1`` are per teacher-forced step).
+
+    ``*_cache_bytes``: what each cache holds (:func:`~gear_lab.cache_specs.cache_nbytes`: K/V,
+    compressed blocks plus buffers); ``*_resident_bytes``: what it keeps allocated
+    (:func:`~gear_lab.cache_specs.cache_resident_nbytes`: plus any workspace and the transient).
+    """
 
     prompt: str
     method: str
@@ -218,6 +85,8 @@ class GenerationCheck:
     compressed_cache_bytes: int
     full_tokens_per_s: float
     compressed_tokens_per_s: float
+    full_resident_bytes: int = 0
+    compressed_resident_bytes: int = 0
 
     @property
     def mean_kl(self) -> float:
@@ -229,15 +98,73 @@ class GenerationCheck:
         """Share of teacher-forced steps whose most likely token agrees."""
         return sum(self.top1) / len(self.top1) if self.top1 else 1.0
 
+    def kl_statistics(self) -> dict[str, float]:
+        """Mean, median, 99th and 99.9th percentile of the per-step KL (empty: no steps)."""
+        return kl_quantiles(torch.tensor(self.kl, dtype=torch.float64)) if self.kl else {}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, with the summary properties."""
-        return {**asdict(self), "mean_kl": self.mean_kl, "top1_agreement": self.top1_agreement}
+        return {
+            **asdict(self),
+            "mean_kl": self.mean_kl,
+            "top1_agreement": self.top1_agreement,
+            **self.kl_statistics(),
+        }
+
+
+#: ``progress(done, total, phase)``: forward steps done of ``total``; ``phase`` names the pass
+ProgressFn = Callable[[int, int, str], None]
+
+
+class _StepStreamer(BaseStreamer):
+    """A ``generate`` streamer that reports each new token (the first ``put`` is the prompt)."""
+
+    def __init__(self, on_token: Callable[[], None]) -> None:
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        if self.prompt_seen:
+            self.on_token()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class _Progress:
+    """Counts forward steps across a check's passes; feeds a tqdm bar or a callback."""
+
+    def __init__(self, progress: bool | ProgressFn, total: int, desc: str) -> None:
+        self.done, self.total, self.phase = 0, total, ""
+        self.callback = progress if callable(progress) else None
+        self.bar = tqdm(total=total, desc=desc, unit="tok", disable=progress is not True)
+
+    def start(self, phase: str, total: int | None = None) -> None:
+        self.phase = phase
+        if total is not None:
+            self.total = self.bar.total = total
+        self.bar.set_postfix_str(phase, refresh=False)
+        self._report()
+
+    def step(self) -> None:
+        self.done += 1
+        self.bar.update(1)
+        self._report()
+
+    def _report(self) -> None:
+        if self.callback is not None:
+            self.callback(self.done, self.total, self.phase)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _generate(
-    model: torch.nn.Module, ids: Tensor, cache: Cache, max_new_tokens: int
-) -> tuple[list[int], float]:
-    """Greedy generation into ``cache``: new token ids and tokens per second (end to end)."""
+    model: torch.nn.Module, ids: Tensor, cache: Cache, max_new_tokens: int, progress: _Progress
+) -> tuple[list[int], float, Tensor]:
+    """Greedy generation into ``cache``: new token ids, tokens per second (end to end) and the
+    raw next-token logits of every step ``[new tokens, vocab]``."""
     _sync(ids.device)
     start = time.perf_counter()
     out = model.generate(
@@ -245,25 +172,61 @@ def _generate(
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        streamer=_StepStreamer(progress.step),
         **{cache_kwarg(model): cache},
     )
     _sync(ids.device)
     elapsed = time.perf_counter() - start
-    new = out[0, ids.shape[1] :].tolist()
-    return new, len(new) / elapsed if elapsed > 0 else float("inf")
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    logits = torch.stack([step[0] for step in out.logits])
+    return new, len(new) / elapsed if elapsed > 0 else float("inf"), logits
 
 
 def _teacher_forced_logits(
-    model: torch.nn.Module, ids: Tensor, continuation: list[int], cache: Cache
+    model: torch.nn.Module,
+    ids: Tensor,
+    continuation: list[int],
+    cache: Cache,
+    progress: _Progress,
 ) -> Tensor:
     """Next-token logits ``[len(continuation), vocab]``: from the prompt ``ids`` ``[1, seq]``,
     then after each continuation token fed one at a time (as in decoding) through ``cache``."""
     key = cache_kwarg(model)
     logits = [model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache}).logits[0, -1]]
+    progress.step()
     for token in continuation[:-1]:
         step = torch.tensor([[token]], device=ids.device)
         logits.append(model(input_ids=step, use_cache=True, **{key: cache}).logits[0, -1])
+        progress.step()
     return torch.stack(logits)
+
+
+def _compresses(cache: Cache) -> bool:
+    """Whether ``cache`` is meant to compress (not a full-precision cache, not method "none")."""
+    if isinstance(cache, GearCache):
+        return not (cache.config.keys.is_identity and cache.config.values.is_identity)
+    return isinstance(cache, QuantizedCache)
+
+
+def warn_if_nothing_compressed(cache: Cache, held: int, full: int, what: str) -> None:
+    """Warn (:class:`NothingCompressedWarning`) when a cache meant to compress held ``held`` >=
+    ``full`` bytes: everything it saw fit in its full-precision window of newest tokens."""
+    if held < full or not _compresses(cache):
+        return
+    window = (
+        f"block_size = {cache.config.block_size or DEFAULT_BLOCK_SIZE}"
+        if isinstance(cache, GearCache)
+        else "residual_length"
+    )
+    warnings.warn(
+        f"nothing was compressed in {what}: the cache held {held} bytes, as many as full "
+        f"precision ({full}), because it keeps its newest {window} tokens in full precision; "
+        "use a longer prompt or a smaller block_size",
+        NothingCompressedWarning,
+        stacklevel=3,
+    )
 
 
 @torch.inference_mode()
@@ -273,12 +236,20 @@ def check_generation(
     prompt: str,
     config: CacheSpec,
     max_new_tokens: int = 32,
+    progress: bool | ProgressFn = True,
 ) -> GenerationCheck:
     """Greedy generation of ``prompt`` with a full-precision cache and with ``config``'s cache.
 
     ``config`` is a cache spec (:func:`make_cache`): a ``CompressionConfig``, a preset name or a
     ``quantized:...`` baseline. KL and top-1 are teacher-forced along the full-precision
     continuation; step 0 is the prompt's own prediction (made before anything is compressed).
+    The full-precision generation's own step logits are the reference; the compressed cache is
+    teacher-forced in a third pass only when its generation diverged (before that, its own
+    logits are the teacher-forced ones). ``progress``: a tqdm bar of forward steps (``True``),
+    none (``False``) or a callback ``progress(done, total, phase)``.
+
+    Warns with :class:`gear_lab.errors.NothingCompressedWarning` when the compressed cache held
+    as many bytes as full precision (a prompt plus generation shorter than one cache block).
     """
     if not isinstance(prompt, str) or not prompt:
         raise ConfigError("prompt must be a non-empty string")
@@ -290,13 +261,28 @@ def check_generation(
         raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    full_cache = make_cache("dynamic", model)
-    full_ids, full_tps = _generate(model, ids, full_cache, max_new_tokens)
-    compressed_cache = make_cache(config, model)
-    comp_ids, comp_tps = _generate(model, ids, compressed_cache, max_new_tokens)
-    agreement, divergence = token_agreement(full_ids, comp_ids)
-    reference = _teacher_forced_logits(model, ids, full_ids, make_cache("dynamic", model))
-    forced = _teacher_forced_logits(model, ids, full_ids, make_cache(config, model))
+    check_context(model, ids.shape[1] + max_new_tokens, "the prompt plus max_new_tokens")
+    compressed_cache = make_cache(config, model)  # a bad spec fails before generating
+    steps = _Progress(progress, 3 * max_new_tokens, f"check {method_label(config)}")
+    try:
+        steps.start("full precision")
+        full_cache = make_cache("dynamic", model)
+        full_ids, full_tps, reference = _generate(model, ids, full_cache, max_new_tokens, steps)
+        steps.start("compressed", steps.done + max_new_tokens + len(full_ids))
+        comp_ids, comp_tps, comp_logits = _generate(
+            model, ids, compressed_cache, max_new_tokens, steps
+        )
+        agreement, divergence = token_agreement(full_ids, comp_ids)
+        if divergence is None:
+            forced = comp_logits
+        else:
+            steps.start("teacher-forced", steps.done + len(full_ids))
+            forced = _teacher_forced_logits(model, ids, full_ids, make_cache(config, model), steps)
+        steps.start("done", steps.done)
+    finally:
+        steps.close()
+    full_bytes, comp_bytes = cache_nbytes(full_cache), cache_nbytes(compressed_cache)
+    warn_if_nothing_compressed(compressed_cache, comp_bytes, full_bytes, "check_generation")
     return GenerationCheck(
         prompt=prompt,
         method=method_label(config),
@@ -308,10 +294,12 @@ def check_generation(
         first_divergence=divergence,
         kl=next_token_kl(reference, forced).tolist(),
         top1=top1_agreement(reference, forced).tolist(),
-        full_cache_bytes=cache_nbytes(full_cache),
-        compressed_cache_bytes=cache_nbytes(compressed_cache),
+        full_cache_bytes=full_bytes,
+        compressed_cache_bytes=comp_bytes,
         full_tokens_per_s=full_tps,
         compressed_tokens_per_s=comp_tps,
+        full_resident_bytes=cache_resident_nbytes(full_cache),
+        compressed_resident_bytes=cache_resident_nbytes(compressed_cache),
     )
 
 
@@ -322,7 +310,10 @@ def check_generation(
 
 @dataclass(frozen=True)
 class PerplexityCheck:
-    """Result of :func:`perplexity_check`; ``kl`` and ``top1_agreement`` are means per token."""
+    """Result of :func:`perplexity_check`; ``kl`` and ``top1_agreement`` (same top token) are
+    means per scored token, ``kl_median`` / ``kl_p99`` / ``kl_p999`` its tail, and
+    ``delta_perplexity`` (compressed minus full) comes with ``delta_perplexity_ci``, the
+    half-width of its 95 % interval across windows (``nan`` for one window)."""
 
     method: str
     corpus: str
@@ -336,20 +327,16 @@ class PerplexityCheck:
     top1_agreement: float
     bits_per_entry: float
     seconds: float
+    kl_median: float
+    kl_p99: float
+    kl_p999: float
+    delta_perplexity: float
+    delta_perplexity_ci: float
+    scored_tokens: int
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
         return asdict(self)
-
-
-@lru_cache(maxsize=4)
-def _corpus_ids(tokenizer: Any, corpus: str) -> Tensor:
-    if corpus != "pydoc":
-        raise ConfigError(f"unknown corpus {corpus!r}; known: pydoc")
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[name] for name in sorted(topics))
-    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def window_starts(total: int, windows: int, span: int) -> list[int]:
@@ -409,12 +396,16 @@ def perplexity_check(
     as it arrives: with ``prefill`` a multiple of the block size nothing stays in full
     precision), then the ``continuation`` tokens go through it in one forward. Both score the same ``continuation`` next-token predictions (those made at
     the continuation positions). ``bits_per_entry`` is the cache's measured size right after
-    prefill, in bits per cached K/V entry.
+    prefill, in bits per cached K/V entry. Warns with
+    :class:`gear_lab.errors.NothingCompressedWarning` when the prefill cache held as many bytes
+    as full precision (``prefill`` shorter than one cache block).
     """
     validate_protocol(windows, prefill, continuation)
-    make_cache(config, model)  # validate the spec before the long run
+    check_context(model, prefill + continuation, "prefill + continuation")
+    probe = make_cache(config, model)  # validate the spec before the long run
     device = next(model.parameters()).device
-    ids = _corpus_ids(tokenizer, corpus)
+    entries = model_arch(model).cached_entries(prefill)
+    ids = corpus_ids(tokenizer, corpus)
     length = prefill + continuation + 1
     starts = window_starts(len(ids), windows, prefill + continuation)
     nll_full: list[Tensor] = []
@@ -422,19 +413,26 @@ def perplexity_check(
     kls: list[Tensor] = []
     agree: list[Tensor] = []
     bits: list[float] = []
+    held: list[int] = []
+    full_held: list[int] = []
     start_time = time.perf_counter()
     for start in tqdm(starts, desc=f"ppl {method_label(config)}", disable=not progress):
         window = ids[start : start + length].to(device)[None]
         inputs, targets = window[:, :-1], window[0, prefill + 1 :]
-        full, _ = _prefill_then_score(model, make_cache("dynamic", model), inputs, prefill)
+        full, full_bytes = _prefill_then_score(model, make_cache("dynamic", model), inputs, prefill)
         comp, prefill_bytes = _prefill_then_score(model, make_cache(config, model), inputs, prefill)
-        bits.append(8 * prefill_bytes / _cache_entries(model, prefill))
+        bits.append(8 * prefill_bytes / entries)
+        held.append(prefill_bytes)
+        full_held.append(full_bytes)
         for logits, out in ((full, nll_full), (comp, nll_comp)):
             out.append(
                 torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")
             )
         kls.append(next_token_kl(full, comp))
         agree.append(top1_agreement(full, comp))
+    warn_if_nothing_compressed(probe, sum(held), sum(full_held), "perplexity_check's prefill")
+    tail = kl_quantiles(torch.cat(kls))
+    delta, delta_ci = delta_perplexity(nll_full, nll_comp)
     return PerplexityCheck(
         method=method_label(config),
         corpus=corpus,
@@ -444,8 +442,14 @@ def perplexity_check(
         window_starts=starts,
         perplexity_full=math.exp(torch.cat(nll_full).mean().item()),
         perplexity_compressed=math.exp(torch.cat(nll_comp).mean().item()),
-        kl=torch.cat(kls).mean().item(),
+        kl=tail["kl_mean"],
         top1_agreement=torch.cat(agree).float().mean().item(),
         bits_per_entry=sum(bits) / len(bits),
         seconds=time.perf_counter() - start_time,
+        kl_median=tail["kl_median"],
+        kl_p99=tail["kl_p99"],
+        kl_p999=tail["kl_p999"],
+        delta_perplexity=delta,
+        delta_perplexity_ci=delta_ci,
+        scored_tokens=sum(k.numel() for k in kls),
     )

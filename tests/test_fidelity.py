@@ -12,19 +12,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from gear_lab.cache import GearCache
+from gear_lab.cache_specs import make_cache, method_label, parse_quantized_spec
 from gear_lab.compression import get_preset
 from gear_lab.errors import ConfigError
-from gear_lab.fidelity import (
-    check_generation,
-    make_cache,
-    method_label,
-    next_token_kl,
-    parse_quantized_spec,
-    perplexity_check,
-    token_agreement,
-    top1_agreement,
-    window_starts,
-)
+from gear_lab.fidelity import check_generation, perplexity_check, window_starts
+from gear_lab.metrics import next_token_kl, token_agreement, top1_agreement
 
 logit_rows = arrays(
     "float64",
@@ -125,6 +117,13 @@ def test_perplexity_check_identity_and_lossy(smol):
     lossy = perplexity_check(model, tokenizer, get_preset("kivi", bits=2, block_size=8), **kwargs)
     assert lossy.perplexity_full == same.perplexity_full
     assert lossy.kl > 1e-4 and lossy.bits_per_entry < 8
+    assert lossy.scored_tokens == 2 * 8
+    assert lossy.kl_median <= lossy.kl_p99 <= lossy.kl_p999
+    assert lossy.delta_perplexity == pytest.approx(
+        lossy.perplexity_compressed - lossy.perplexity_full
+    )
+    assert lossy.delta_perplexity_ci >= 0
+    assert same.delta_perplexity == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ConfigError):
         perplexity_check(model, tokenizer, "none", windows=0)
 
@@ -138,3 +137,30 @@ def test_quantized_cache_baseline_runs_in_the_same_harness(smol):
     result = perplexity_check(model, tokenizer, "quantized:quanto:4:16", **kwargs)
     assert result.method == "quantized:quanto:4:16"
     assert 4 < result.bits_per_entry < 16 and result.kl > 0
+
+
+def test_checks_warn_when_nothing_is_compressed_and_report_progress(smol):
+    """A prompt shorter than one block compresses nothing: the API says so, as the CLI does."""
+    import warnings
+
+    from gear_lab.errors import NothingCompressedWarning
+
+    model, tokenizer = smol
+    seen: list[tuple[int, int, str]] = []
+    with pytest.warns(NothingCompressedWarning, match="nothing was compressed.*block_size = 64"):
+        check = check_generation(
+            model, tokenizer, "Hi", "kivi", 3, progress=lambda *step: seen.append(step)
+        )
+    assert check.compressed_cache_bytes == check.full_cache_bytes
+    done = [d for d, _, _ in seen]
+    assert done == sorted(done) and seen[-1][0] == seen[-1][1] > 0  # ends at its total
+    assert {"full precision", "compressed"} <= {phase for _, _, phase in seen}
+    with pytest.warns(NothingCompressedWarning, match="perplexity_check"):
+        perplexity_check(
+            model, tokenizer, "kivi", windows=1, prefill=16, continuation=4, progress=False
+        )
+    with warnings.catch_warnings():  # nothing meant to compress: no warning
+        warnings.simplefilter("error", NothingCompressedWarning)
+        check_generation(model, tokenizer, "Hi", "none", 2, progress=False)
+        prompt = "The capital of France is"
+        check_generation(model, tokenizer, prompt, get_preset("kivi", block_size=4), 2)

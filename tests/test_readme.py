@@ -27,8 +27,13 @@ def test_readme_has_the_two_setup_commands_and_result_slots() -> None:
     assert [line.split("#")[0].strip() for line in setup.splitlines()] == ["make demo", "make test"]
     makefile = (README.parent / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    results = (README.parent / "docs" / "results.md").read_text()
+    assert "(docs/results.md)" in text  # the long results live there, linked from the README
     for name in ("quality", "perplexity", "generation", "speed"):
-        assert text.count(f"results:{name}") == 1
+        assert results.count(f"results:{name}") == 1 and f"results:{name}" not in text
+    assert len(text) < 28_000, (
+        "keep the README a set-up and a short tour (results: docs/results.md)"
+    )
 
 
 def _commands() -> list[list[str]]:
@@ -48,7 +53,7 @@ def test_readme_command_lines_parse() -> None:
 
     commands = _commands()
     used = {words[1] for words in commands if words[0] == "gear-lab"}
-    assert used == {"models", "info", "eval", "sweep", "check", "ppl", "app"}
+    assert used == {"models", "info", "eval", "sweep", "check", "ppl", "needle", "app"}
     for words in commands:
         parser = build_capture_parser() if words[0] == "gear-capture" else build_parser()
         args = parser.parse_args(words[1:])  # SystemExit (a failure) on an unknown option
@@ -66,3 +71,41 @@ def test_readme_python_blocks_run(smol_dump: Path, capsys: pytest.CaptureFixture
         exec(compile(code, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "bits per entry" in out and "bytes held vs" in out
+    # every live example compresses: bytes held below full precision
+    held, full = map(int, re.search(r"(\d+) bytes held vs (\d+) in full precision", out).groups())
+    assert 0 < held < full
+    comp, full = map(int, re.search(r"(\d+) bytes compressed vs (\d+) full", out).groups())
+    assert 0 < comp < full
+
+
+def test_readme_examples_write_where_git_ignores() -> None:
+    """CLI outputs land under dumps/ (ignored), never in the repo root; the first capture does not
+    collide with `make demo`'s dump; the live examples fill at least one cache block."""
+    ignored = (README.parent / ".gitignore").read_text().split()
+    makefile = (README.parent / "Makefile").read_text()
+    model = re.search(r"^MODEL \?= (\S+)", makefile, re.M).group(1)
+    demo = makefile.split("DEMO_DUMP := ")[1].split()[0].replace("$(MODEL)", model)
+    assert demo == DEMO_DUMP
+    captures = [w for w in _commands() if w[0] == "gear-capture"]
+    assert captures[0][captures[0].index("--out") + 1] != demo
+    for words in _commands():
+        if "--out" in words:
+            out = Path(words[words.index("--out") + 1])
+            assert out.parent == Path("dumps") and f"dumps/*{out.suffix}" in ignored, out
+        if words[:2] == ["gear-lab", "check"]:
+            prompt = words[words.index("--prompt") + 1]
+            block = int(words[words.index("--block-size") + 1]) if "--block-size" in words else 64
+            assert "topics" in prompt or block <= 16, words
+
+
+def test_make_test_ensures_chromium_before_anything() -> None:
+    """`make test` runs .ci/ensure-chromium first (apt-installs chromium, or stops with one line
+    saying what to run); .ci/run uses the same script."""
+    import subprocess
+
+    root = README.parent
+    dry = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True)
+    assert dry.returncode == 0 and dry.stdout.splitlines()[0] == ".ci/ensure-chromium"
+    assert ".ci/ensure-chromium" in (root / ".ci" / "run").read_text()
+    script = (root / ".ci" / "ensure-chromium").read_text()
+    assert "apt-get install -y -q chromium" in script and "exit 1" in script

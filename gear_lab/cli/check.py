@@ -13,13 +13,14 @@ import textwrap
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
 from gear_lab.compression import CompressionConfig
+from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import ConfigError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, the method flags and ``--baseline``."""
     parser.add_argument(
-        "--model", default="smollm2-135m", help="model name or path (default: smollm2-135m)"
+        "--model", default=DEFAULT_MODEL, help=f"model name or path (default: {DEFAULT_MODEL})"
     )
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda or auto (default: auto, cuda when present)"
@@ -37,8 +38,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cache_spec_from_args(args: argparse.Namespace) -> CompressionConfig | str:
-    """The cache spec of :func:`gear_lab.fidelity.make_cache`: a config, or a baseline string."""
-    from gear_lab.fidelity import parse_quantized_spec
+    """The cache spec of :func:`gear_lab.cache_specs.make_cache`: a config, or a baseline string."""
+    from gear_lab.cache_specs import parse_quantized_spec
 
     if args.baseline is None:
         return config_from_args(args)
@@ -68,15 +69,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check and print; library errors propagate to the CLI's one-line handler."""
+    import warnings
+
     from gear_lab.cache import DEFAULT_BLOCK_SIZE
+    from gear_lab.cache_specs import QUANTIZED_RESIDUAL_LENGTH
+    from gear_lab.errors import NothingCompressedWarning
     from gear_lab.fidelity import check_generation
     from gear_lab.models import load_model
+    from gear_lab.units import format_bytes
 
     spec = cache_spec_from_args(args)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer = load_model(args.model, device=args.device)
-    check = check_generation(model, tokenizer, args.prompt, spec, args.max_new_tokens)
+    with warnings.catch_warnings(record=True) as caught:  # said below, in the CLI's words
+        warnings.simplefilter("always", NothingCompressedWarning)
+        # a bar of forward steps on stderr: 3 passes of --max-new-tokens at most
+        check = check_generation(model, tokenizer, args.prompt, spec, args.max_new_tokens)
+    nothing = False
+    for w in caught:
+        if issubclass(w.category, NothingCompressedWarning):
+            nothing = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if args.json:
         print(json.dumps(check.to_dict()))
         return 0
@@ -90,19 +105,29 @@ def run(args: argparse.Namespace) -> int:
         f"same tokens {check.token_agreement:.1%}, first divergence {divergence}; "
         f"teacher-forced mean KL {check.mean_kl:.4g}, top-1 {check.top1_agreement:.1%}"
     )
+    if check.kl:
+        tail = check.kl_statistics()
+        print(
+            f"KL median {tail['kl_median']:.4g}, p99 {tail['kl_p99']:.4g}, "
+            f"p99.9 {tail['kl_p999']:.4g} over {len(check.kl)} scored tokens"
+        )
     ratio = check.full_cache_bytes / max(check.compressed_cache_bytes, 1)
     print(
-        f"cache {check.full_cache_bytes / 2**10:.1f} KiB full vs "
-        f"{check.compressed_cache_bytes / 2**10:.1f} KiB compressed ({ratio:.2f}x smaller); "
+        f"cache held (K/V: compressed blocks + buffers) {format_bytes(check.full_cache_bytes)} "
+        f"full vs {format_bytes(check.compressed_cache_bytes)} compressed ({ratio:.2f}x smaller); "
+        f"resident (+ transient / workspace) {format_bytes(check.full_resident_bytes)} vs "
+        f"{format_bytes(check.compressed_resident_bytes)}; "
         f"{check.full_tokens_per_s:.1f} vs {check.compressed_tokens_per_s:.1f} tok/s"
     )
-    if (
-        isinstance(spec, CompressionConfig)
-        and check.compressed_cache_bytes >= check.full_cache_bytes
-    ):
+    if nothing and isinstance(spec, CompressionConfig):
         print(
             f"note: nothing was compressed: the cache keeps its newest n_b = "
             f"{spec.block_size or DEFAULT_BLOCK_SIZE} tokens in full precision; use a longer "
             "prompt or a smaller --block-size"
+        )
+    elif nothing:
+        print(
+            f"note: nothing was compressed: the baseline keeps its newest "
+            f"{QUANTIZED_RESIDUAL_LENGTH} tokens in full precision; use a longer prompt"
         )
     return 0

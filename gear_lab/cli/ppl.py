@@ -60,4 +60,10 @@ def run(args: argparse.Namespace) -> int:
         f"{result.perplexity_compressed:.2f} compressed  KL {result.kl:.4g}  "
         f"top-1 {result.top1_agreement:.1%}"
     )
+    print(
+        f"KL median {result.kl_median:.4g}  p99 {result.kl_p99:.4g}  p99.9 {result.kl_p999:.4g}  "
+        f"same top token {result.top1_agreement:.2%}  delta perplexity "
+        f"{result.delta_perplexity:+.3f} +/- {result.delta_perplexity_ci:.3f} (95 %, across "
+        f"windows)  {result.scored_tokens} scored tokens"
+    )
     return 0
