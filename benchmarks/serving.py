@@ -88,15 +88,20 @@ def _reset_peak() -> None:
 
 def build_cache(spec: str, model: torch.nn.Module):
     """``"preset:key=value,..."`` -> a GearCache of that preset (integer overrides, and
-    ``workspace=1`` for the workspace mode); other specs via make_cache."""
+    ``workspace=1`` for the workspace mode); other specs via make_cache. The workload's rows are
+    unpadded copies of one prompt, which a GearCache is told (``set_padding(None)``)."""
     from gear_lab.cache import GearCache
     from gear_lab.cache_specs import make_cache
 
     name, _, options = spec.partition(":")
     if name in {"dynamic", "quantized"} or not options:
-        return make_cache(spec, model)
-    overrides = {k: int(v) for k, v in (kv.split("=") for kv in options.split(","))}
-    return GearCache(name, model_config=model.config, **overrides)
+        cache = make_cache(spec, model)
+    else:
+        overrides = {k: int(v) for k, v in (kv.split("=") for kv in options.split(","))}
+        cache = GearCache(name, model_config=model.config, **overrides)
+    if isinstance(cache, GearCache):
+        cache.set_padding(None)
+    return cache
 
 
 @torch.inference_mode()

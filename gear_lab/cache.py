@@ -563,6 +563,7 @@ class GearCache(Cache):
         self.workspace = bool(workspace)
         self.transient = None if self.workspace else Transient()
         self._padding: torch.Tensor | None = None
+        self._padding_declared = False
         if model_config is None:
             super().__init__(layers=[])
             self._lazy_layers = True
@@ -605,11 +606,15 @@ class GearCache(Cache):
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Declare the prompt's left padding: ``attention_mask`` ``[batch, prompt_len]`` of 0/1.
 
-        Must be called before the first forward. Padded positions are never compressed nor
-        counted as held; each row's blocks start at its first real token.
+        Must be called before the first forward of a batch of more than one row (``None``: no
+        row is padded): the cache never sees the attention mask ``generate`` passes to the
+        model, and undeclared left padding would enter a row's statistics and change its
+        generation. Padded positions are never compressed nor counted as held; each row's blocks
+        start at its first real token.
         """
         if any(layer.is_initialized for layer in self.layers):
             raise CacheError("set_padding must be called before the cache is first filled")
+        self._padding_declared = True
         if attention_mask is None:
             self._padding = None
             return
@@ -623,7 +628,14 @@ class GearCache(Cache):
         self._padding = mask
 
     def padding_starts(self, batch: int) -> list[int]:
-        """First real position of each of ``batch`` rows (0 without padding)."""
+        """First real position of each of ``batch`` rows (0 without padding); a batch of more
+        than one row whose padding was never declared raises :class:`CacheError`."""
+        if batch > 1 and not self._padding_declared:
+            raise CacheError(
+                f"GearCache got a batch of {batch} rows without set_padding: call "
+                "cache.set_padding(attention_mask) before the first forward (None when no row is "
+                "padded)"
+            )
         if self._padding is None:
             return [0] * batch
         if self._padding.shape[0] != batch:
