@@ -202,6 +202,21 @@ def test_bad_use_raises():
         cache.set_padding(torch.ones(1, 3))
 
 
+def test_a_batch_with_undeclared_padding_is_refused():
+    """The cache cannot see generate's attention mask, so a multi-row batch must declare its
+    padding (None: no row padded) rather than let left padding into a row's statistics."""
+    k, v = _states(2, 70, seed=0)
+    with pytest.raises(CacheError, match="set_padding") as err:
+        GearCache("kivi").update(k, v, 0)
+    assert "\n" not in str(err.value)
+    declared = GearCache("kivi")
+    declared.set_padding(None)
+    out_k, _ = declared.update(k, v, 0)
+    assert out_k.shape == k.shape and declared.compressions == 2  # one 64-block per row
+    single = GearCache("kivi")  # one row cannot be padded: nothing to declare
+    single.update(*_states(1, 70, seed=0), 0)
+
+
 # ---------------------------------------------------------------------------- real model
 
 
