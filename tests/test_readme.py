@@ -101,10 +101,19 @@ def test_readme_examples_write_where_git_ignores() -> None:
 def test_make_test_ensures_chromium_before_anything() -> None:
     """`make test` runs .ci/ensure-chromium first (apt-installs chromium, or stops with one line
     saying what to run); .ci/run uses the same script."""
+    import os
     import subprocess
 
     root = README.parent
-    dry = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True)
+    # run as a top-level make even when the suite itself runs under `make test` (CI)
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "test"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert dry.returncode == 0 and dry.stdout.splitlines()[0] == ".ci/ensure-chromium"
     assert ".ci/ensure-chromium" in (root / ".ci" / "run").read_text()
     script = (root / ".ci" / "ensure-chromium").read_text()
