@@ -43,6 +43,9 @@ def test_notebook_executes(
     figure also comes out as a static PNG, and no cell warns "IProgress not found"."""
     monkeypatch.setenv("GEAR_LAB_DUMP", str(smol_dump))
     monkeypatch.setenv("GEAR_LAB_FAST", "1")
+    second = tmp_path / "second.h5"  # presets_pareto's two-dump section, on a second path
+    second.write_bytes(smol_dump.read_bytes())
+    monkeypatch.setenv("GEAR_LAB_SECOND_DUMP", str(second))
     committed = path.read_bytes()
     copy = tmp_path / path.name
     copy.write_bytes(committed)
