@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import textwrap
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -509,9 +510,13 @@ def fig_retrieval_heatmaps(
         rows=rows,
         cols=cols,
         shared_yaxes=True,
-        subplot_titles=[f"{s}<br>{bits[s]:.2f} bits" for s in order],
+        # long labels wrap (panels are narrow): no title runs into its neighbour's
+        subplot_titles=[
+            "<br>".join([*textwrap.wrap(s, 30, break_on_hyphens=False), f"{bits[s]:.2f} bits"])
+            for s in order
+        ],
         horizontal_spacing=0.03,
-        vertical_spacing=0.5 / rows,
+        vertical_spacing=0.6 / rows,
     )
     for i, setting in enumerate(order):
         cell = (

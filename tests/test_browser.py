@@ -31,6 +31,7 @@ PAGES = {
     "outliers": ("outliers", 4, None),
     "sweeps": ("sweeps", 2, "Run sweep"),
     "live": ("live", 1, "Generate"),
+    "long_context": ("long_context", 1, "Run"),
 }
 TIMEOUT_MS = 240_000
 

@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from gear_lab import plots
+from gear_lab.cache import DEFAULT_BLOCK_SIZE
 from gear_lab.errors import GearLabError
 from gear_lab.retrieval import (
     PROMPT_COMPRESSIONS,
@@ -58,7 +59,9 @@ else:
         seeds = st.number_input("seeds", 1, 10, 1, key="long-seeds")
         mode = st.radio("prompt compression", PROMPT_COMPRESSIONS, horizontal=True, key="long-mode")
     with right, st.expander("method", expanded=True):
-        config = state.method_settings("long", initial={"bits": 4})
+        config = state.method_settings(
+            "long", initial={"bits": 4}, no_block=f"cache default ({DEFAULT_BLOCK_SIZE})"
+        )
     go = st.button("Run", type="primary", disabled=config is None, key="long-run")
     if go and config is not None:
         try:
@@ -108,7 +111,7 @@ st.dataframe(
 )
 
 st.subheader("Misses")
-misses = rows[~rows["correct"]].assign(setting=setting_labels(rows))
+misses = rows.assign(setting=setting_labels(rows))[~rows["correct"]]
 if misses.empty:
     st.success("Every answer was exact.")
 else:
