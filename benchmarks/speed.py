@@ -4,23 +4,28 @@ For each shape (a Llama-2-7B layer, a Llama-3-8B layer, a real SmolLM2 layer) th
 values of one layer (``[batch, kv_heads, seq, head_dim]`` float16) are
 
 * copied (``dst.copy_(src)``): the device's memory-copy rate, the baseline every ratio uses;
-* compressed and decompressed with the plain torch implementation (``gear_lab.compression``),
-  for every preset, block-wise with n_b = 64 (GEAR streaming, Kang et al. 2024);
+* compressed and decompressed with the plain torch implementation (``gear_lab.compression``
+  forced to its reference, impl ``torch``), for every preset, block-wise with n_b = 64 (GEAR
+  streaming, Kang et al. 2024);
+* on CPU, the same calls on the compiled CPU path (``gear_lab.compression.cpu_kernel``, impl
+  ``compiled``), which ``compress`` uses by default where it covers the settings;
 * compressed and decompressed with the fused Triton kernel (``gear_lab.kernels``) where CUDA
   and Triton are present.
 
 Throughput is GB/s of float16 input (``bytes of K and V / best seconds``), for the copy too,
 so ``% copy`` is the share of a plain copy's speed (the copy moves twice these bytes).
-Targets (issues 3 and 7): torch on CPU >= 10 % of copy; fused on GPU >= 25 % (compression),
->= 40 % (decompression) and >= 50x torch, for 2-bit GEAR, G = 64, s = 2 %, r = 2, n_b = 64
-(the ``gear-2bit`` row).
+Targets (issues 3, 7 and 17): on CPU >= 10 % of copy (compression) and >= 20 %
+(decompression); fused on GPU >= 25 % (compression), >= 40 % (decompression) and >= 50x torch,
+for 2-bit GEAR, G = 64, s = 2 %, r = 2, n_b = 64 (the ``gear-2bit`` row).
 
-    python benchmarks/speed.py [--device cpu|cuda|auto] [--quick] [--dump DUMP.h5]
+    python benchmarks/speed.py [--device cpu|cuda|auto] [--quick] [--dump DUMP.h5] [--shape NAME]
+                               [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +35,7 @@ from pathlib import Path
 import torch
 
 from gear_lab.compression import CompressionConfig, compress, get_preset, list_presets
+from gear_lab.compression.cpu_kernel import kernel_unavailable_reason, reference
 from gear_lab.errors import GearLabError
 from gear_lab.kernels import compress_fused, decompress_fused, fused_unavailable_reason
 from gear_lab.models import cache_dir, resolve_device
@@ -48,8 +54,11 @@ def configs(quick: bool) -> dict[str, CompressionConfig]:
     return out
 
 
-def shapes(device: torch.device, dump: Path | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (keys, values) float16 on ``device``."""
+def shapes(
+    device: torch.device, dump: Path | None, only: str | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (keys, values) float16 on ``device``; the real layer only when ``only`` (a part
+    of the shape names to keep) is ``None`` or names it."""
     batch = 8 if device.type == "cuda" else 1
     gen = torch.Generator().manual_seed(0)
 
@@ -64,8 +73,9 @@ def shapes(device: torch.device, dump: Path | None) -> dict[str, tuple[torch.Ten
         f"llama2-7b [{batch},32,4096,128]": synthetic(batch, 32, 4096, 128),
         "llama3-8b [1,8,4096,128]": synthetic(1, 8, 4096, 128),
     }
-    k, v = smollm2_layer(dump)
-    out[f"smollm2 dump {list(k.shape)}"] = (k.to(device), v.to(device))
+    if only is None or only in "smollm2 dump":
+        k, v = smollm2_layer(dump)
+        out[f"smollm2 dump {list(k.shape)}"] = (k.to(device), v.to(device))
     return out
 
 
@@ -88,10 +98,16 @@ def smollm2_layer(dump: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def seconds(fn: Callable[[], object], device: torch.device, budget: float, reps: int) -> float:
-    """Best wall time of ``fn`` after one warm-up call (compiles kernels): at least 2, at most
-    ``reps`` timed calls, stopping once ``budget`` seconds are spent. The best, not the
-    median, because shared machines add noise only upwards."""
+def seconds(
+    fn: Callable[[], object],
+    device: torch.device,
+    budget: float,
+    reps: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Best time of ``fn`` on ``clock`` (wall time by default) after one warm-up call (compiles
+    kernels): at least 2, at most ``reps`` timed calls, stopping once ``budget`` wall seconds
+    are spent. The best, not the median, because shared machines add noise only upwards."""
 
     def sync() -> None:
         if device.type == "cuda":
@@ -102,10 +118,10 @@ def seconds(fn: Callable[[], object], device: torch.device, budget: float, reps:
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times)
 
 
@@ -145,7 +161,7 @@ HEADER = [
     "decomp GB/s",
     "% copy",
     "bits",
-    "fused/torch",
+    "x torch",
 ]
 
 
@@ -154,9 +170,10 @@ def bench_shape(
     kv: tuple[torch.Tensor, torch.Tensor],
     cfgs: dict[str, CompressionConfig],
     device: torch.device,
-    fused: bool,
+    fast: list[tuple[str, Callable, Callable]],
     budget: float,
     reps: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[Row]:
     k, v = kv
     gbytes = (k.nbytes + v.nbytes) / 1e9
@@ -166,11 +183,9 @@ def bench_shape(
         dk.copy_(k)
         dv.copy_(v)
 
-    copy_gbs = gbytes / seconds(copy, device, budget, max(reps, 20))
+    copy_gbs = gbytes / seconds(copy, device, budget, max(reps, 20), clock)
     rows = [Row(name, "copy", "torch", copy_gbs, copy_gbs, 16.0, copy_gbs)]
-    impls: list[tuple[str, Callable, Callable]] = [("torch", compress, lambda c: c.decompress())]
-    if fused:
-        impls.append(("fused", compress_fused, decompress_fused))
+    impls = [("torch", on_reference(compress), on_reference(lambda c: c.decompress())), *fast]
     for method, cfg in cfgs.items():
         torch_comp = None
         for impl, comp_fn, decomp_fn in impls:
@@ -184,8 +199,11 @@ def bench_shape(
                 device,
                 budget,
                 reps,
+                clock,
             )
-            t_dec = seconds(lambda ck=ck, cv=cv, f=decomp_fn: (f(ck), f(cv)), device, budget, reps)
+            t_dec = seconds(
+                lambda ck=ck, cv=cv, f=decomp_fn: (f(ck), f(cv)), device, budget, reps, clock
+            )
             bits = 8 * (ck.nbytes + cv.nbytes) / (ck.numel + cv.numel)
             row = Row(name, method, impl, gbytes / t_comp, gbytes / t_dec, bits, copy_gbs)
             if impl == "torch":
@@ -195,6 +213,16 @@ def bench_shape(
             rows.append(row)
             print(" | ".join(row.cells()), file=sys.stderr, flush=True)
     return rows
+
+
+def on_reference(fn: Callable) -> Callable:
+    """``fn`` forced onto the torch reference (not the compiled CPU path)."""
+
+    def run(*args, **kwargs):
+        with reference():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def table(rows: list[Row]) -> str:
@@ -212,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump", type=Path, help="SmolLM2 dump (default: capture one, cached)")
     parser.add_argument("--budget", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--shape", help="only the shapes whose name contains this (e.g. llama3)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time (default), or this process's CPU time: GB per CPU-second for copy and "
+        "methods alike, on a CPU shared with other work (with --threads 1: idle OpenMP "
+        "threads may spin and count)",
+    )
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -228,13 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     threads = torch.get_num_threads()
-    print(f"device: {name} ({device}), torch {torch.__version__}, {threads} threads")
+    load = "" if not hasattr(os, "getloadavg") else f", load {os.getloadavg()[0]:.2f}"
+    print(f"device: {name} ({device}), torch {torch.__version__}, {threads} threads{load}")
+    print(f"clock: {args.clock} time")
     print(f"fused kernel: {'yes' if reason is None else 'no: ' + reason}")
+    fast: list[tuple[str, Callable, Callable]] = []
+    if reason is None:
+        fast.append(("fused", compress_fused, decompress_fused))
+    if device.type == "cpu":
+        compiled = kernel_unavailable_reason()
+        print(f"compiled CPU path: {'yes' if compiled is None else 'no: ' + compiled}")
+        if compiled is None:
+            fast.append(("compiled", compress, lambda c: c.decompress()))
     rows: list[Row] = []
-    for shape_name, kv in shapes(device, args.dump).items():
-        rows += bench_shape(
-            shape_name, kv, configs(args.quick), device, reason is None, budget, reps
-        )
+    for shape_name, kv in shapes(device, args.dump, args.shape).items():
+        if args.shape and args.shape not in shape_name:
+            continue
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        rows += bench_shape(shape_name, kv, configs(args.quick), device, fast, budget, reps, clock)
         del kv
     print(table(rows))
     return 0

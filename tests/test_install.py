@@ -115,3 +115,23 @@ def test_a_page_runs_from_the_installed_copy(
     at = AppTest.from_file(str(script), default_timeout=300).run()
     assert not at.exception, at.exception
     assert any("Dumps" in t.value for t in at.title)
+
+
+def test_a_plain_install_ships_the_compiled_cpu_path(installed: Path, tmp_path: Path) -> None:
+    """The C++ source is package data, and the installed copy builds and uses it."""
+    code = (
+        "from gear_lab.compression import cpu_kernel; "
+        "print(cpu_kernel.__file__); print(cpu_kernel.kernel_unavailable_reason())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(installed),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    module, reason = out.stdout.strip().splitlines()
+    assert Path(module).is_relative_to(installed)
+    assert (installed / "gear_lab" / "compression" / "csrc" / "gear_cpu.cpp").is_file()
+    assert reason == "None", reason

@@ -128,6 +128,8 @@ def test_decompress_fused_equals_decompress():
         ({"block_size": 48}, "block_size a power of two"),
         ({"bits": 3}, "bits in 1, 2, 4, 8"),
         ({"rotate": True}, "rotation"),
+        ({"codebook": "gaussian"}, "codebooks"),
+        ({"qjl": True}, "qjl"),
         ({"lowrank": "svd", "rank": 2}, "power iteration"),
         ({"rank": 33, "block_size": 64}, "rank <="),
         ({"group_size": 12}, "group size"),

@@ -84,8 +84,8 @@ def _check_settings(tc: TensorCompression, block: int | None, dim: int) -> int:
         raise ConfigError(f"the fused kernel needs head_dim a power of two in 16..256, got {dim}")
     if tc.bits not in (1, 2, 4, 8):
         raise ConfigError(f"the fused kernel needs bits in 1, 2, 4, 8, got {tc.bits}")
-    if tc.rotate or tc.fp8 is not None:
-        raise ConfigError("the fused kernel does not cover rotation or fp8")
+    if tc.rotate or tc.fp8 is not None or tc.codebook is not None or tc.qjl:
+        raise ConfigError("the fused kernel does not cover rotation, fp8, codebooks or qjl")
     if tc.rank > 0 and tc.lowrank != "power":
         raise ConfigError("the fused kernel computes the low rank by power iteration only")
     if tc.factor_dtype != "float16":

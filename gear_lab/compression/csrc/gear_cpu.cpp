@@ -1,0 +1,975 @@
+// Compiled CPU path of block-wise GEAR (Kang et al. 2024): X_hat = D + L + S per [n, d] matrix.
+//
+// Loaded with ctypes by gear_lab/compression/cpu_kernel.py, which compiles this file once with
+// the system C++ compiler. Every function works on M independent [n, d] matrices (the blocks of
+// [batch, kv_heads, seq, head_dim]), one OpenMP task per matrix, and reproduces the torch
+// reference of gear_lab.compression bit for bit where it can:
+//   * outliers: torch.topk(sorted=False) on CPU, i.e. std::partial_sort when k * 64 <= length,
+//     std::nth_element otherwise, on (value, index) pairs; tie-free vectors take a one-pass scan
+//     that yields the same order;
+//   * quantization: float32 min / max per group without outliers, zero rounded down and scale up
+//     to float16, codes round-half-even((x - zero) * (1 / scale)) clamped, packed little endian;
+//   * low rank: seeded subspace iteration with Householder QR (LAPACK's sign convention), left
+//     Q [n, r] and right Q^T R [r, d], either in float32 or balanced and rounded to the kept
+//     float16 / bfloat16 factors (equal to the reference within the iteration's tolerance).
+// Compile with -ffp-contract=off: the quantization must not fuse multiply and add.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum DType : int32_t { F16 = 0, BF16 = 1, F32 = 2 };
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round half to even (finite input)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if (std::isnan(f)) return 0x7fc0;
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline uint16_t half_bits(_Float16 h) {
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+
+inline _Float16 bits_half(uint16_t b) {
+  _Float16 h;
+  std::memcpy(&h, &b, 2);
+  return h;
+}
+
+// float16 bits -> float for count entries (vector conversions where the CPU has them).
+void halves_to_floats(const uint16_t* src, float* out, int64_t count) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < count; ++i) out[i] = static_cast<float>(bits_half(src[i]));
+}
+
+// float -> float16 bits, rounding half to even, for count entries.
+void floats_to_halves(const float* src, uint16_t* out, int64_t count) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= count; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  for (; i + 8 <= count; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < count; ++i) out[i] = half_bits(static_cast<_Float16>(src[i]));
+}
+
+// Round value[0..count) to float16 towards -inf (down) or +inf (up), like quantize.to_half:
+// bits to out, their float values to back (not aliasing value).
+void round_outward(const float* value, uint16_t* out, float* back, int64_t count, bool up) {
+  floats_to_halves(value, out, count);
+  halves_to_floats(out, back, count);
+#pragma omp simd
+  for (int64_t s = 0; s < count; ++s) {
+    const uint16_t b = out[s];
+    const bool wrong = up ? back[s] < value[s] : back[s] > value[s];
+    const bool zero = (b & 0x7fff) == 0, negative = b & 0x8000;
+    // one step towards the direction: from a zero to the smallest subnormal of that sign
+    const uint16_t step = zero ? uint16_t(up ? 0x0001 : 0x8001)
+                               : uint16_t(negative == up ? b - 1 : b + 1);
+    out[s] = wrong ? step : b;
+  }
+  halves_to_floats(out, back, count);
+}
+
+void load_matrix(const void* src, int32_t dtype, int64_t count, float* out) {
+  if (dtype == F16) {
+    halves_to_floats(static_cast<const uint16_t*>(src), out, count);
+  } else if (dtype == BF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
+  } else {
+    std::memcpy(out, src, count * sizeof(float));
+  }
+}
+
+inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : 2; }
+
+// Element offset of matrix m of a body whose leading dims have the given sizes / strides.
+int64_t matrix_offset(int64_t m, int32_t ndim, const int64_t* sizes, const int64_t* strides) {
+  int64_t offset = 0;
+  for (int32_t i = ndim - 1; i >= 0; --i) {
+    offset += (m % sizes[i]) * strides[i];
+    m /= sizes[i];
+  }
+  return offset;
+}
+
+void store_index(void* dst, int32_t index_bytes, int64_t i, int32_t value) {
+  if (index_bytes == 1) static_cast<uint8_t*>(dst)[i] = uint8_t(value);
+  else if (index_bytes == 2) static_cast<int16_t*>(dst)[i] = int16_t(value);
+  else static_cast<int32_t*>(dst)[i] = value;
+}
+
+int32_t load_index(const void* src, int32_t index_bytes, int64_t i) {
+  if (index_bytes == 1) return static_cast<const uint8_t*>(src)[i];
+  if (index_bytes == 2) return static_cast<const int16_t*>(src)[i];
+  return static_cast<const int32_t*>(src)[i];
+}
+
+// ---------------------------------------------------------------------------------- outliers
+
+using Pair = std::pair<float, int64_t>;
+
+// The k entries of key[0..len) that torch.topk(k, largest, sorted=False) returns, in its order.
+void topk(const float* key, int64_t len, int64_t k, bool largest, int32_t* out,
+          std::vector<Pair>& queue) {
+  if (k <= 0) return;
+  queue.resize(len);
+  for (int64_t i = 0; i < len; ++i) queue[i] = Pair(key[i], i);
+  auto greater = [](const Pair& a, const Pair& b) { return a.first > b.first; };
+  auto less = [](const Pair& a, const Pair& b) { return a.first < b.first; };
+  if (k * 64 <= len) {
+    if (largest) std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), greater);
+    else std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), less);
+  } else {
+    if (largest) std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), greater);
+    else std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), less);
+  }
+  for (int64_t i = 0; i < k; ++i) out[i] = int32_t(queue[i].second);
+}
+
+// Inserts (v, i) into the sorted best[0..kept) (at most want entries) when it beats the last.
+template <bool Largest>
+inline void keep_best(float v, int32_t i, float* best, int32_t* where, int32_t& kept,
+                      int32_t want) {
+  if (kept == want && !(Largest ? v > best[want - 1] : v < best[want - 1])) return;
+  int32_t p = kept < want ? kept++ : want - 1;
+  while (p > 0 && (Largest ? v > best[p - 1] : v < best[p - 1])) {
+    best[p] = best[p - 1];
+    where[p] = where[p - 1];
+    --p;
+  }
+  best[p] = v;
+  where[p] = i;
+}
+
+#if defined(__AVX512F__)
+// select_chunks for a vector of 16 * C contiguous entries held in registers: the hi largest (of
+// |x| for magnitude), then the lo smallest, each found as the unique entry equal to the best
+// below (above) the previous one. False on a tie (then the sort's order decides).
+template <int C>
+bool select_chunks(const float* x, int32_t hi, int32_t lo, bool magnitude, int32_t* picked) {
+  const float inf = std::numeric_limits<float>::infinity();
+  __m512 v[C];
+  for (int c = 0; c < C; ++c) {
+    v[c] = _mm512_loadu_ps(x + 16 * c);
+    if (magnitude) v[c] = _mm512_andnot_ps(_mm512_set1_ps(-0.0f), v[c]);
+  }
+  // the unique position of value in v, or -1
+  auto unique = [&](float value) {
+    const __m512 target = _mm512_set1_ps(value);
+    int32_t count = 0, at = -1;
+    for (int c = 0; c < C; ++c) {
+      const uint32_t hit = _mm512_cmp_ps_mask(v[c], target, _CMP_EQ_OQ);
+      count += __builtin_popcount(hit);
+      at = hit ? 16 * c + __builtin_ctz(hit) : at;
+    }
+    return count == 1 ? at : -1;
+  };
+  float bound = inf;  // the first pass takes every entry (an infinite one too)
+  for (int32_t j = 0; j < hi; ++j) {
+    __m512 most = _mm512_set1_ps(-inf);
+    for (int c = 0; c < C; ++c)
+      most = _mm512_mask_max_ps(
+          most, j ? _mm512_cmp_ps_mask(v[c], _mm512_set1_ps(bound), _CMP_LT_OQ) : 0xffff, most,
+          v[c]);
+    bound = _mm512_reduce_max_ps(most);
+    if ((picked[j] = unique(bound)) < 0) return false;
+  }
+  bound = -inf;
+  for (int32_t j = 0; j < lo; ++j) {
+    __m512 least = _mm512_set1_ps(inf);
+    for (int c = 0; c < C; ++c)
+      least = _mm512_mask_min_ps(
+          least, j ? _mm512_cmp_ps_mask(v[c], _mm512_set1_ps(bound), _CMP_GT_OQ) : 0xffff, least,
+          v[c]);
+    bound = _mm512_reduce_min_ps(least);
+    const int32_t at = unique(bound);
+    for (int32_t t = 0; t < hi; ++t)
+      if (picked[t] == at) return false;  // the reference would skip it (set to +inf)
+    if ((picked[hi + j] = at) < 0) return false;
+  }
+  return true;
+}
+#endif
+
+// One pass for the common case (few outliers, partial_sort regime): the hi largest (of |x| for
+// magnitude) and lo smallest entries, which is partial_sort's order when the best hi + 1 and
+// lo + 1 are strictly ordered and the smallest do not reach the largest. False otherwise.
+bool scan_vector(const float* x, int64_t stride, int64_t len, int32_t hi, int32_t lo,
+                 bool magnitude, int32_t* picked) {
+  if (hi > 8 || lo > 8 || hi * 64 > len || lo * 64 > len || hi + lo + 2 > len) return false;
+#if defined(__AVX512F__)
+  if (stride == 1 && len == 128) return select_chunks<8>(x, hi, lo, magnitude, picked);
+  if (stride == 1 && len == 64) return select_chunks<4>(x, hi, lo, magnitude, picked);
+#endif
+  float top[9], bottom[9];
+  int32_t top_at[9], bottom_at[9], tops = 0, bottoms = 0;
+  const int32_t want_top = hi + 1, want_bottom = lo ? lo + 1 : 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = magnitude ? std::fabs(x[i * stride]) : x[i * stride];
+    keep_best<true>(v, int32_t(i), top, top_at, tops, want_top);
+    if (want_bottom) keep_best<false>(v, int32_t(i), bottom, bottom_at, bottoms, want_bottom);
+  }
+  // fewer kept than wanted: the next best was never visited, so it lies strictly beyond
+  for (int32_t j = 1; j < tops; ++j)
+    if (top[j - 1] == top[j]) return false;
+  for (int32_t j = 1; j < bottoms; ++j)
+    if (bottom[j - 1] == bottom[j]) return false;
+  for (int32_t j = 0; j < bottoms; ++j)
+    for (int32_t t = 0; t < hi; ++t)
+      if (bottom_at[j] == top_at[t]) return false;
+  for (int32_t j = 0; j < hi; ++j) picked[j] = top_at[j];
+  for (int32_t j = 0; j < lo; ++j) picked[hi + j] = bottom_at[j];
+  return true;
+}
+
+// Picks the outliers of one vector (len entries of x at stride) as outliers.extract_outliers.
+void pick_vector(const float* x, int64_t stride, int64_t len, int32_t hi, int32_t lo,
+                 bool magnitude, int32_t* picked, std::vector<float>& key,
+                 std::vector<Pair>& queue) {
+  if (scan_vector(x, stride, len, hi, lo, magnitude, picked)) return;
+  key.resize(len);
+  for (int64_t i = 0; i < len; ++i) key[i] = magnitude ? std::fabs(x[i * stride]) : x[i * stride];
+  topk(key.data(), len, hi, true, picked, queue);
+  if (magnitude || lo == 0) return;
+  for (int32_t j = 0; j < hi; ++j) key[picked[j]] = std::numeric_limits<float>::infinity();
+  topk(key.data(), len, lo, false, picked + hi, queue);
+}
+
+// ----------------------------------------------------------------------------- bit packing
+
+// A mask keeping the low `keep` bits of every `width`-bit lane of a 64-bit word.
+constexpr uint64_t lanes(int width, int keep) {
+  uint64_t mask = 0;
+  for (int shift = 0; shift < 64; shift += width) mask |= ((uint64_t(1) << keep) - 1) << shift;
+  return mask;
+}
+
+// Packs codes[0..count) (< 2**BITS each, count a multiple of 8) as quantize.pack_codes: every 8
+// codes, read as one little-endian word, compacted in three shift-and-mask steps into BITS bytes.
+template <int BITS>
+void pack(const uint8_t* codes, uint8_t* out, int64_t count) {
+  for (int64_t w = 0; w < count / 8; ++w) {
+    uint64_t word;
+    std::memcpy(&word, codes + 8 * w, 8);
+    if (BITS < 8) {
+      word = (word & lanes(16, BITS)) | ((word >> (8 - BITS)) & (lanes(16, BITS) << BITS));
+      word = (word & lanes(32, 2 * BITS)) |
+             ((word >> (16 - 2 * BITS)) & (lanes(32, 2 * BITS) << (2 * BITS)));
+      word = (word & lanes(64, 4 * BITS)) |
+             ((word >> (32 - 4 * BITS)) & (lanes(64, 4 * BITS) << (4 * BITS)));
+    }
+    if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
+      using Word = std::conditional_t<BITS == 1, uint8_t, std::conditional_t<BITS == 2, uint16_t,
+                   std::conditional_t<BITS == 4, uint32_t, uint64_t>>>;
+      const Word low = Word(word);  // a whole-word store lets the loop vectorize
+      std::memcpy(out + BITS * w, &low, BITS);
+    } else {
+      std::memcpy(out + BITS * w, &word, BITS);
+    }
+  }
+}
+
+// Inverse of pack: the codes of count entries, one byte each.
+template <int BITS>
+void unpack(const uint8_t* packed, uint8_t* codes, int64_t count) {
+  for (int64_t w = 0; w < count / 8; ++w) {
+    uint64_t word = 0;
+    if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
+      using Word = std::conditional_t<BITS == 1, uint8_t, std::conditional_t<BITS == 2, uint16_t,
+                   std::conditional_t<BITS == 4, uint32_t, uint64_t>>>;
+      Word low;
+      std::memcpy(&low, packed + BITS * w, BITS);
+      word = low;
+    } else {
+      std::memcpy(&word, packed + BITS * w, BITS);
+    }
+    if (BITS < 8) {
+      word = (word & lanes(64, 4 * BITS)) |
+             ((word & (lanes(64, 4 * BITS) << (4 * BITS))) << (32 - 4 * BITS));
+      word = (word & lanes(32, 2 * BITS)) |
+             ((word & (lanes(32, 2 * BITS) << (2 * BITS))) << (16 - 2 * BITS));
+      word = (word & lanes(16, BITS)) | ((word & (lanes(16, BITS) << BITS)) << (8 - BITS));
+    }
+    std::memcpy(codes + 8 * w, &word, 8);
+  }
+}
+
+template <template <int> class Op, typename... Args>
+void by_bits(int bits, Args... args) {
+  switch (bits) {
+    case 1: return Op<1>::run(args...);
+    case 2: return Op<2>::run(args...);
+    case 3: return Op<3>::run(args...);
+    case 4: return Op<4>::run(args...);
+    case 5: return Op<5>::run(args...);
+    case 6: return Op<6>::run(args...);
+    case 7: return Op<7>::run(args...);
+    default: return Op<8>::run(args...);
+  }
+}
+
+template <int BITS>
+struct Pack {
+  static void run(const uint8_t* codes, uint8_t* out, int64_t count) {
+    pack<BITS>(codes, out, count);
+  }
+};
+
+template <int BITS>
+struct Unpack {
+  static void run(const uint8_t* packed, uint8_t* codes, int64_t count) {
+    unpack<BITS>(packed, codes, count);
+  }
+};
+
+// ---------------------------------------------------------------------------- quantization
+
+// Codes of row[begin..end) with the zero / scale / inverse of each channel (PerChannel) or one
+// for the span, and the residual row - (code * scale + zero), zero where skip is set.
+template <bool PerChannel>
+inline void code_span(const float* row, const uint8_t* skip, const float* zero,
+                      const float* scale, const float* inverse, int64_t begin, int64_t end,
+                      float levels, uint8_t* code, float* residual) {
+#pragma omp simd
+  for (int64_t c = begin; c < end; ++c) {
+    const float z = PerChannel ? zero[c] : zero[0];
+    const float s = PerChannel ? scale[c] : scale[0];
+    const float i = PerChannel ? inverse[c] : inverse[0];
+    float v = std::nearbyint((row[c] - z) * i);
+    v = std::min(std::max(v, 0.0f), levels);
+    code[c] = uint8_t(v);
+    residual[c] = skip[c] ? 0.0f : row[c] - (v * s + z);
+  }
+}
+
+// row[c] = code[c] * scale + zero for c in [begin, end).
+template <bool PerChannel>
+inline void dequantize_span(float* row, const uint8_t* code, const float* zero,
+                            const float* scale, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t c = begin; c < end; ++c)
+    row[c] = float(code[c]) * (PerChannel ? scale[c] : scale[0]) +
+             (PerChannel ? zero[c] : zero[0]);
+}
+
+// ------------------------------------------------------------------------------ low rank
+
+// Applies the reflector I - tau v v^T (v = (1, col[j+1:m]) from row j on) to the column other.
+inline void reflect(const float* col, float* other, float tau, int64_t j, int64_t m) {
+  float w = other[j];
+#pragma omp simd reduction(+ : w)
+  for (int64_t i = j + 1; i < m; ++i) w += col[i] * other[i];
+  w *= tau;
+  other[j] -= w;
+#pragma omp simd
+  for (int64_t i = j + 1; i < m; ++i) other[i] -= w * col[i];
+}
+
+// Householder QR of the k columns (each m long, contiguous) of a, replaced by the explicit Q,
+// as LAPACK's geqr2 + org2r: R's diagonal is -sign(alpha) * norm.
+void householder_q(float* a, int64_t k, int64_t m, float* tau) {
+  for (int64_t j = 0; j < k; ++j) {
+    float* col = a + j * m;
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = j + 1; i < m; ++i) sum += double(col[i]) * col[i];
+    float alpha = col[j];
+    if (sum == 0.0) {
+      tau[j] = 0.0f;
+      continue;
+    }
+    float norm = float(std::sqrt(double(alpha) * alpha + sum));
+    float beta = alpha >= 0.0f ? -norm : norm;
+    tau[j] = (beta - alpha) / beta;
+    float scale = 1.0f / (alpha - beta);
+    for (int64_t i = j + 1; i < m; ++i) col[i] *= scale;
+    col[j] = beta;
+    for (int64_t c = j + 1; c < k; ++c) reflect(col, a + c * m, tau[j], j, m);
+  }
+  for (int64_t j = k - 1; j >= 0; --j) {
+    float* col = a + j * m;
+    for (int64_t c = j + 1; c < k; ++c) reflect(col, a + c * m, tau[j], j, m);
+    for (int64_t i = j + 1; i < m; ++i) col[i] *= -tau[j];
+    col[j] = 1.0f - tau[j];
+    for (int64_t i = 0; i < j; ++i) col[i] = 0.0f;
+  }
+}
+
+// An orthonormal basis of the span of the k columns of a (each m long, contiguous), in place:
+// a R^-1 with R the Cholesky factor of the Gram matrix (summed in double). R is upper triangular
+// with a positive diagonal, so a later householder_q of the iterates gives the same Q: the
+// iteration's intermediate steps use this (two short passes, no long dependency chain) and the
+// last one householder_q. Near rank deficiency (or k > 8) it is householder_q itself.
+void orthonormalize(float* a, int64_t k, int64_t m, float* tau) {
+  double low[8][8];  // Cholesky factor L = R^T
+  if (k > 8) return householder_q(a, k, m, tau);
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      const float *x = a + i * m, *y = a + j * m;
+      double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < m; ++e) dot += double(x[e]) * double(y[e]);
+      low[i][j] = dot;
+    }
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const double gram = low[j][j];
+    double pivot = gram;
+    for (int64_t p = 0; p < j; ++p) pivot -= low[j][p] * low[j][p];
+    if (!(pivot > 1e-6 * gram)) return householder_q(a, k, m, tau);  // columns nearly dependent
+    low[j][j] = std::sqrt(pivot);
+    for (int64_t i = j + 1; i < k; ++i) {
+      double v = low[i][j];
+      for (int64_t p = 0; p < j; ++p) v -= low[i][p] * low[j][p];
+      low[i][j] = v / low[j][j];
+    }
+  }
+  for (int64_t j = 0; j < k; ++j) {  // q_j = (a_j - sum_p R[p][j] q_p) / R[j][j]
+    float* col = a + j * m;
+    for (int64_t p = 0; p < j; ++p) {
+      const float w = float(low[j][p]);
+      const float* q = a + p * m;
+#pragma omp simd
+      for (int64_t e = 0; e < m; ++e) col[e] -= w * q[e];
+    }
+    const float inverse = float(1.0 / low[j][j]);
+#pragma omp simd
+    for (int64_t e = 0; e < m; ++e) col[e] *= inverse;
+  }
+}
+
+// out[j][i] = sum_c r[i][c] * v[j][c]   (R @ V, V given as k rows of d); four rows at a time
+// so that four independent sums are in flight.
+void times(const float* r, int64_t n, int64_t d, const float* v, int64_t k, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float *r0 = r + i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+    for (int64_t j = 0; j < k; ++j) {
+      const float* vj = v + j * d;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t c = 0; c < d; ++c) {
+        s0 = std::fma(r0[c], vj[c], s0);
+        s1 = std::fma(r1[c], vj[c], s1);
+        s2 = std::fma(r2[c], vj[c], s2);
+        s3 = std::fma(r3[c], vj[c], s3);
+      }
+      float* o = out + j * n + i;
+      o[0] = s0;
+      o[1] = s1;
+      o[2] = s2;
+      o[3] = s3;
+    }
+  }
+  for (; i < n; ++i) {
+    const float* row = r + i * d;
+    for (int64_t j = 0; j < k; ++j) {
+      const float* vj = v + j * d;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < d; ++c) s = std::fma(row[c], vj[c], s);
+      out[j * n + i] = s;
+    }
+  }
+}
+
+// out[j][c] = sum_i q[j][i] * r[i][c]   (R^T @ Q, Q given as k columns of n); four rows of R
+// per pass over out.
+void times_t(const float* r, int64_t n, int64_t d, const float* q, int64_t k, float* out) {
+  std::fill(out, out + k * d, 0.0f);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float *r0 = r + i * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+    for (int64_t j = 0; j < k; ++j) {
+      const float* w = q + j * n + i;
+      float* oj = out + j * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c)
+        oj[c] = std::fma(w[3], r3[c], std::fma(w[2], r2[c], std::fma(w[1], r1[c],
+                                                                     std::fma(w[0], r0[c], oj[c]))));
+    }
+  }
+  for (; i < n; ++i) {
+    const float* row = r + i * d;
+    for (int64_t j = 0; j < k; ++j) {
+      const float w = q[j * n + i];
+      float* oj = out + j * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) oj[c] = std::fma(w, row[c], oj[c]);
+    }
+  }
+}
+
+// The same products for K columns and D = head_dim known at compile time: the K x D
+// accumulators (or the K rows of V) stay in vector registers; multiply-adds may fuse here (the
+// fit only needs float32 accuracy, unlike the quantization).
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The sum of the 16 lanes, as a tree.
+inline float sum16(v16 v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+#if defined(__AVX512F__)
+// The lane sums of 16 vectors, in order: a transposing tree of in-lane, 128-bit and 256-bit
+// shuffles (45 operations instead of 16 separate reductions).
+inline __m512 sum16_rows(const __m512* a) {
+  __m512 t[8], u[4], w[2];
+  for (int p = 0; p < 8; ++p)  // per 128-bit lane: rows 2p, 2p + 1, 2p, 2p + 1
+    t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]),
+                         _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+  for (int q = 0; q < 4; ++q) {  // per 128-bit lane: rows 4q .. 4q + 3
+    const __m512d lo = _mm512_castps_pd(t[2 * q]), hi = _mm512_castps_pd(t[2 * q + 1]);
+    u[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
+  }
+  for (int h = 0; h < 2; ++h)  // 128-bit lanes: rows 8h .. 8h + 3 twice, 8h + 4 .. 8h + 7 twice
+    w[h] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * h], u[2 * h + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * h], u[2 * h + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88),
+                       _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+}
+#endif
+
+template <int K, int D>
+__attribute__((optimize("fp-contract=fast"))) void times_fixed(const float* r, int64_t n, const float* v, float* out) {
+  v16 vv[K][D / 16];
+  for (int j = 0; j < K; ++j)
+    for (int c = 0; c < D / 16; ++c) vv[j][c] = load16(v + j * D + 16 * c);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {  // sixteen rows per column, summed together
+    for (int j = 0; j < K; ++j) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) {
+        v16 sum = {};
+        for (int c = 0; c < D / 16; ++c) sum += load16(r + (i + t) * D + 16 * c) * vv[j][c];
+        acc[t] = __m512(sum);
+      }
+      _mm512_storeu_ps(out + j * n + i, sum16_rows(acc));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float* row = r + i * D;
+    for (int j = 0; j < K; ++j) {
+      v16 acc = {};
+      for (int c = 0; c < D / 16; ++c) acc += load16(row + 16 * c) * vv[j][c];
+      out[j * n + i] = sum16(acc);
+    }
+  }
+}
+
+template <int K, int D>
+__attribute__((optimize("fp-contract=fast"))) void times_t_fixed(const float* r, int64_t n, const float* q, float* out) {
+  v16 acc[K][D / 16] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = r + i * D;
+    for (int c = 0; c < D / 16; ++c) {
+      const v16 x = load16(row + 16 * c);
+      for (int j = 0; j < K; ++j) acc[j][c] += q[j * n + i] * x;
+    }
+  }
+  for (int j = 0; j < K; ++j)
+    for (int c = 0; c < D / 16; ++c) std::memcpy(out + j * D + 16 * c, &acc[j][c], 64);
+}
+
+// R @ V and R^T @ Q, on the fixed-size kernels where they apply.
+template <bool Transposed>
+void product(const float* r, int64_t n, int64_t d, const float* v, int64_t k, float* out) {
+#define GEAR_FIXED(K, D)                                          \
+  if (k == K && d == D) {                                         \
+    if (Transposed) times_t_fixed<K, D>(r, n, v, out);            \
+    else times_fixed<K, D>(r, n, v, out);                         \
+    return;                                                       \
+  }
+  GEAR_FIXED(1, 64) GEAR_FIXED(2, 64) GEAR_FIXED(3, 64) GEAR_FIXED(4, 64)
+  GEAR_FIXED(1, 128) GEAR_FIXED(2, 128) GEAR_FIXED(3, 128) GEAR_FIXED(4, 128)
+#undef GEAR_FIXED
+  if (Transposed) times_t(r, n, d, v, k, out);
+  else times(r, n, d, v, k, out);
+}
+
+// Balances and rounds fitted factors like lowrank.LowRank.keep: column j of q (k columns of n)
+// times 2**s and row j of p (k rows of d) over it, s = round(log2(max|p_j| / max|q_j|) / 2),
+// then float16 (or bfloat16) bits into left [n, k] and right [k, d]. Returns 1 on overflow.
+int32_t keep_factors(const float* q, const float* p, int64_t n, int64_t d, int64_t k, bool bf16,
+                     uint16_t* left, uint16_t* right, float* scaled /* max(n, d) */) {
+  int32_t bad = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    float big_left = 0.0f, big_right = 0.0f;
+    for (int64_t i = 0; i < n; ++i) big_left = std::max(big_left, std::fabs(q[j * n + i]));
+    for (int64_t c = 0; c < d; ++c) big_right = std::max(big_right, std::fabs(p[j * d + c]));
+    float shift = std::nearbyint(0.5f * (std::log2(big_right) - std::log2(big_left)));
+    const float factor = std::isfinite(shift) ? std::exp2(shift) : 1.0f;
+    for (int64_t i = 0; i < n; ++i) scaled[i] = q[j * n + i] * factor;
+    for (int64_t i = 0; i < n; ++i) {
+      left[i * k + j] =
+          bf16 ? float_to_bf16(scaled[i]) : half_bits(static_cast<_Float16>(scaled[i]));
+    }
+    for (int64_t c = 0; c < d; ++c) scaled[c] = p[j * d + c] / factor;
+    if (bf16) {
+      for (int64_t c = 0; c < d; ++c) right[j * d + c] = float_to_bf16(scaled[c]);
+    } else {
+      floats_to_halves(scaled, right + j * d, d);
+    }
+  }
+  const uint16_t exponent = bf16 ? 0x7f80 : 0x7c00;  // all ones: inf or nan
+  for (int64_t i = 0; i < n * k; ++i) bad |= (left[i] & exponent) == exponent;
+  for (int64_t i = 0; i < k * d; ++i) bad |= (right[i] & exponent) == exponent;
+  return bad;
+}
+
+}  // namespace
+
+extern "C" {
+
+struct CompressArgs {
+  const void* x;              // the body, dtype below; each matrix's [n, d] rows contiguous
+  int32_t dtype;              // F16, BF16 or F32
+  int32_t lead_ndim;          // leading dims of the body (matrices), their sizes and strides
+  const int64_t* lead_sizes;
+  const int64_t* lead_strides;
+  int64_t matrices, n, d;
+  int32_t bits, channel_axis;  // quantization: bits, group along tokens (1) or channels (0)
+  int64_t group;               // group size, already clipped to the grouped length
+  int32_t out_hi, out_lo;      // outliers per vector: largest (or largest |x|) and smallest
+  int32_t magnitude, out_channel, index_bytes;
+  int32_t rank, loops;         // subspace iteration; omega [d, rank] float32 row-major
+  const float* omega;
+  uint8_t* codes;              // ceil(M n d / 8) * bits bytes
+  uint16_t* scale;             // float16 bits: [M, groups, 1, d] or [M, n, groups, 1]
+  uint16_t* zero;
+  void* out_values;            // [M, n, k] (token) or [M, k, d] (channel), input dtype
+  void* out_index;             // same shape, index_bytes each
+  int32_t factors;             // 0: float32 Q and Q^T R; 1 / 2: kept float16 / bfloat16 factors
+  void* left;                  // [M, n, rank]
+  void* right;                 // [M, rank, d]
+  int32_t threads;
+  int32_t* flags;              // [0]: some group's scales are unresolved; [1]: fp16 overflow
+                               // of scales; [2]: of the kept factors
+};
+
+// Compresses every matrix; returns 0.
+int gear_compress(const CompressArgs* a) {
+  const int64_t n = a->n, d = a->d, nd = n * d;
+  const int32_t k = a->out_hi + a->out_lo;
+  const int64_t vectors = a->out_channel ? d : n, vec_len = a->out_channel ? n : d;
+  const int64_t glen = a->channel_axis ? n : d, other = a->channel_axis ? d : n;
+  const int64_t groups = (glen + a->group - 1) / a->group;
+  const float levels = float((1 << a->bits) - 1);
+  const int64_t esize = element_size(a->dtype);
+  const int64_t code_bytes = nd / 8 * a->bits;
+  int32_t unresolved = 0, overflow = 0, factor_overflow = 0;
+
+#pragma omp parallel num_threads(a->threads) reduction(| : unresolved, overflow, factor_overflow)
+  {
+    std::vector<float> x(nd), resid(nd), key;
+    std::vector<uint8_t> mask(nd), code(nd);
+    std::vector<float> lo(groups * other), hi(groups * other), zf(groups * other),
+        sf(groups * other), inv(groups * other);
+    std::vector<int32_t> picked(std::max<int32_t>(k, 1));
+    std::vector<Pair> queue;
+    std::vector<float> q(a->rank * n), z(a->rank * d), omega_t(a->rank * d), tau(a->rank + 1),
+        scratch(std::max(n, d));
+    for (int64_t j = 0; j < a->rank; ++j)
+      for (int64_t c = 0; c < d; ++c) omega_t[j * d + c] = a->omega[c * a->rank + j];
+
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t m = 0; m < a->matrices; ++m) {
+      const int64_t off = matrix_offset(m, a->lead_ndim, a->lead_sizes, a->lead_strides);
+      const char* src = static_cast<const char*>(a->x) + off * esize;
+      load_matrix(src, a->dtype, nd, x.data());
+      if (m + 1 < a->matrices) {  // the next matrix's rows, while this one is worked on
+        const int64_t next = matrix_offset(m + 1, a->lead_ndim, a->lead_sizes, a->lead_strides);
+        const char* ahead = static_cast<const char*>(a->x) + next * esize;
+        for (int64_t b = 0; b < nd * esize; b += 64) __builtin_prefetch(ahead + b);
+      }
+
+      // Outliers S: exact count per vector, excluded from the statistics below.
+      std::fill(mask.begin(), mask.end(), 0);
+      if (k > 0) {
+        const int64_t vstride = a->out_channel ? d : 1, step = a->out_channel ? 1 : d;
+        for (int64_t v = 0; v < vectors; ++v) {
+          pick_vector(x.data() + v * step, vstride, vec_len, a->out_hi, a->out_lo,
+                      a->magnitude, picked.data(), key, queue);
+          for (int32_t j = 0; j < k; ++j) {
+            const int64_t pos = a->out_channel ? int64_t(picked[j]) * d + v
+                                               : v * d + picked[j];
+            const int64_t slot = a->out_channel ? m * k * d + int64_t(j) * d + v
+                                                : (m * n + v) * k + j;
+            mask[pos] = 1;
+            store_index(a->out_index, a->index_bytes, slot, picked[j]);
+            char* value = static_cast<char*>(a->out_values) + slot * esize;
+            if (esize == 2) std::memcpy(value, src + pos * 2, 2);  // fixed sizes: no call
+            else std::memcpy(value, src + pos * 4, 4);
+          }
+        }
+      }
+
+      // Grouped min / max without outliers; float16 zero (down) and scale (up).
+      const float inf = std::numeric_limits<float>::infinity();
+      std::fill(lo.begin(), lo.end(), inf);
+      std::fill(hi.begin(), hi.end(), -inf);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* row = x.data() + t * d;
+        const uint8_t* skip = mask.data() + t * d;
+        if (a->channel_axis) {  // statistics of group t / G, one per channel
+          float* l = lo.data() + (t / a->group) * d;
+          float* h = hi.data() + (t / a->group) * d;
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) {
+            const float low = skip[c] ? inf : row[c], high = skip[c] ? -inf : row[c];
+            l[c] = low < l[c] ? low : l[c];
+            h[c] = high > h[c] ? high : h[c];
+          }
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            float l = inf, h = -inf;
+            const int64_t end = std::min(d, (g + 1) * a->group);
+#pragma omp simd reduction(min : l) reduction(max : h)
+            for (int64_t c = g * a->group; c < end; ++c) {
+              const float low = skip[c] ? inf : row[c], high = skip[c] ? -inf : row[c];
+              l = low < l ? low : l;
+              h = high > h ? high : h;
+            }
+            lo[t * groups + g] = l;
+            hi[t * groups + g] = h;
+          }
+        }
+      }
+      const int64_t stats = groups * other;
+      uint16_t* scale = a->scale + m * stats;
+      uint16_t* zero = a->zero + m * stats;
+#pragma omp simd
+      for (int64_t s = 0; s < stats; ++s) {  // empty groups (all outliers) get (0, 0)
+        const bool empty = lo[s] > hi[s];
+        lo[s] = empty ? 0.0f : lo[s];
+        hi[s] = empty ? 0.0f : hi[s];
+      }
+      round_outward(lo.data(), zero, zf.data(), stats, false);
+#pragma omp simd
+      for (int64_t s = 0; s < stats; ++s) inv[s] = (hi[s] - zf[s]) / levels;  // scale, exact
+      round_outward(inv.data(), scale, sf.data(), stats, true);
+      int32_t bad = 0, coarse = 0;
+#pragma omp simd reduction(| : bad, coarse)
+      for (int64_t s = 0; s < stats; ++s) {
+        bad |= (zero[s] & 0x7c00) == 0x7c00 || (scale[s] & 0x7c00) == 0x7c00;  // inf
+        const float step_ = (hi[s] - lo[s]) / levels;
+        const float error = sf[s] > 0.0f ? sf[s] / 2.0f : lo[s] - zf[s];
+        const float big = std::fabs(lo[s]) > std::fabs(hi[s]) ? std::fabs(lo[s]) : std::fabs(hi[s]);
+        const float allowed = step_ > big * 0.001953125f ? step_ : big * 0.001953125f;
+        coarse |= error > allowed;
+        inv[s] = sf[s] > 0.0f ? 1.0f / sf[s] : 0.0f;
+      }
+      overflow |= bad;
+      unresolved |= coarse;
+
+      // Codes; the residual X - D (zero at outliers) for the low rank.
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t e = t * d;
+        if (a->channel_axis) {
+          const int64_t base = (t / a->group) * d;
+          code_span<true>(x.data() + e, mask.data() + e, zf.data() + base, sf.data() + base,
+                          inv.data() + base, 0, d, levels, code.data() + e, resid.data() + e);
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t s = t * groups + g, end = std::min(d, (g + 1) * a->group);
+            code_span<false>(x.data() + e, mask.data() + e, zf.data() + s, sf.data() + s,
+                             inv.data() + s, g * a->group, end, levels, code.data() + e,
+                             resid.data() + e);
+          }
+        }
+      }
+      by_bits<Pack>(a->bits, code.data(), a->codes + m * code_bytes, nd);
+
+      // Low rank L: seeded subspace iteration on the residual.
+      if (a->rank) {
+        const int64_t r = a->rank;
+        product<false>(resid.data(), n, d, omega_t.data(), r, q.data());
+        (a->loops ? orthonormalize : householder_q)(q.data(), r, n, tau.data());
+        for (int32_t loop = 0; loop < a->loops; ++loop) {
+          product<true>(resid.data(), n, d, q.data(), r, z.data());
+          orthonormalize(z.data(), r, d, tau.data());
+          product<false>(resid.data(), n, d, z.data(), r, q.data());
+          (loop + 1 < a->loops ? orthonormalize : householder_q)(q.data(), r, n, tau.data());
+        }
+        if (a->factors == 0) {  // float32 Q and Q^T R, for lowrank.subspace_factors
+          float* left = static_cast<float*>(a->left) + m * n * r;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < r; ++j) left[i * r + j] = q[j * n + i];
+          product<true>(resid.data(), n, d, q.data(), r, static_cast<float*>(a->right) + m * r * d);
+        } else {  // kept factors, balanced as lowrank.LowRank.keep
+          product<true>(resid.data(), n, d, q.data(), r, z.data());
+          factor_overflow |= keep_factors(q.data(), z.data(), n, d, r, a->factors == 2,
+                                          static_cast<uint16_t*>(a->left) + m * n * r,
+                                          static_cast<uint16_t*>(a->right) + m * r * d,
+                                          scratch.data());
+        }
+      }
+    }
+  }
+  a->flags[0] = unresolved;
+  a->flags[1] = overflow;
+  a->flags[2] = factor_overflow;
+  return 0;
+}
+
+struct DecompressArgs {
+  const uint8_t* codes;
+  const uint16_t* scale;  // float16 bits, layout as in CompressArgs
+  const uint16_t* zero;
+  int32_t bits, channel_axis;
+  int64_t group, matrices, n, d;
+  const void* out_values;  // outliers in the output dtype, or null
+  const void* out_index;
+  int32_t out_k, out_channel, index_bytes;
+  const uint16_t* left;    // [M, n, rank] and [M, rank, d], float16 / bfloat16 bits, or null
+  const uint16_t* right;
+  int32_t rank, factor_bf16;
+  void* out;               // matrix m at the element offset its index has in the leading
+  int32_t lead_ndim;       // dims (sizes / strides below), its [n, d] rows contiguous
+  const int64_t* lead_sizes;
+  const int64_t* lead_strides;
+  int32_t dtype;
+  int32_t threads;
+};
+
+// Reconstructs every matrix straight into its place in out (float32: built there, no copy):
+// dequantize, add left @ right, write the outliers back, clamp into the dtype's finite range
+// and round; returns 0.
+int gear_decompress(const DecompressArgs* a) {
+  const int64_t n = a->n, d = a->d, nd = n * d, r = a->rank;
+  const int64_t glen = a->channel_axis ? n : d, other = a->channel_axis ? d : n;
+  const int64_t groups = (glen + a->group - 1) / a->group;
+  const int64_t code_bytes = nd / 8 * a->bits;
+  const int64_t esize = element_size(a->dtype);
+  const float limit = a->dtype == F16 ? 65504.0f : bf16_to_float(0x7f7f);  // F16 / BF16
+
+#pragma omp parallel num_threads(a->threads)
+  {
+    std::vector<float> work(a->dtype == F32 ? 0 : nd), lf(n * r), rf(r * d),
+        sf(groups * other), zf(groups * other);
+    std::vector<uint8_t> code(nd);
+    std::vector<float> acc(d);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t m = 0; m < a->matrices; ++m) {
+      char* dst = static_cast<char*>(a->out) +
+                  matrix_offset(m, a->lead_ndim, a->lead_sizes, a->lead_strides) * esize;
+      float* y = a->dtype == F32 ? reinterpret_cast<float*>(dst) : work.data();
+      halves_to_floats(a->scale + m * groups * other, sf.data(), groups * other);
+      halves_to_floats(a->zero + m * groups * other, zf.data(), groups * other);
+      by_bits<Unpack>(a->bits, a->codes + m * code_bytes, code.data(), nd);
+      for (int64_t t = 0; t < n; ++t) {
+        float* row = y + t * d;
+        const uint8_t* codes = code.data() + t * d;
+        if (a->channel_axis) {
+          const int64_t base = (t / a->group) * d;
+          dequantize_span<true>(row, codes, zf.data() + base, sf.data() + base, 0, d);
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t s = t * groups + g;
+            dequantize_span<false>(row, codes, zf.data() + s, sf.data() + s, g * a->group,
+                                   std::min(d, (g + 1) * a->group));
+          }
+        }
+      }
+      if (r) {
+        const uint16_t* lsrc = a->left + m * n * r;
+        const uint16_t* rsrc = a->right + m * r * d;
+        if (a->factor_bf16) {
+          for (int64_t i = 0; i < n * r; ++i) lf[i] = bf16_to_float(lsrc[i]);
+          for (int64_t i = 0; i < r * d; ++i) rf[i] = bf16_to_float(rsrc[i]);
+        } else {
+          halves_to_floats(lsrc, lf.data(), n * r);
+          halves_to_floats(rsrc, rf.data(), r * d);
+        }
+        for (int64_t t = 0; t < n; ++t) {  // row += (sum_j left[t, j] right[j]), j in order
+          float* row = y + t * d;
+          const float l0 = lf[t * r];
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) acc[c] = l0 * rf[c];
+          for (int64_t j = 1; j < r; ++j) {
+            const float lj = lf[t * r + j];
+            const float* rj = rf.data() + j * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) acc[c] += lj * rj[c];
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) row[c] += acc[c];
+        }
+      }
+      const int64_t k = a->out_k;
+      for (int64_t j = 0; j < (a->out_values ? k * (a->out_channel ? d : n) : 0); ++j) {
+        const int64_t slot = m * k * (a->out_channel ? d : n) + j;
+        const int64_t idx = load_index(a->out_index, a->index_bytes, slot);
+        const int64_t pos = a->out_channel ? idx * d + j % d : (j / k) * d + idx;
+        const char* v = static_cast<const char*>(a->out_values) + slot * esize;
+        float value;
+        if (a->dtype == F16) value = float(bits_half(*reinterpret_cast<const uint16_t*>(v)));
+        else if (a->dtype == BF16) value = bf16_to_float(*reinterpret_cast<const uint16_t*>(v));
+        else value = *reinterpret_cast<const float*>(v);
+        y[pos] = value;
+      }
+      if (a->dtype != F32)  // float32 is the compute dtype: the reference does not clamp
+        for (int64_t i = 0; i < nd; ++i) y[i] = std::min(std::max(y[i], -limit), limit);
+      if (a->dtype == F16) {
+        floats_to_halves(y, reinterpret_cast<uint16_t*>(dst), nd);
+      } else if (a->dtype == BF16) {
+        uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+        for (int64_t i = 0; i < nd; ++i) o[i] = float_to_bf16(y[i]);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
