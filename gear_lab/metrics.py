@@ -18,6 +18,7 @@ Layout: ``[batch, kv_heads, seq, head_dim]`` (queries ``[batch, heads, seq, head
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -163,33 +164,53 @@ class AttentionReference:
                         f"{name} shape {tuple(new.shape)} differs from the reference {tuple(old.shape)}"
                     )
         probs, output = self.probs[:, sel], self.output[:, sel]
+        constants = {name: value[:, sel] for name, value in self._constants.items()}
         result = {"score_rel": 0.0, "kl": 0.0, "tv": 0.0}
         probs_hat = probs
         if k_hat is not None:
             hidden = ~self.mask
-            scores, log_probs = self.scores[:, sel], self.log_probs[:, sel]
             scores_hat = _scores(q, k_hat.to(q), self.scaling, self.softcap)
-            log_hat = torch.log_softmax(scores_hat.masked_fill(hidden, -math.inf), dim=-1)
-            probs_hat = log_hat.exp()
-            err2 = (scores_hat - scores).masked_fill(hidden, 0.0).square().sum()
-            # KL(p || p_hat) per query row; hidden keys have p = 0 and contribute nothing
-            kl_rows = (probs * (log_probs - log_hat).masked_fill(hidden, 0.0)).sum(-1)
+            err = (scores_hat - self.scores[:, sel]).masked_fill_(hidden, 0.0)
+            masked = scores_hat.masked_fill_(hidden, -math.inf)
+            probs_hat = torch.softmax(masked, dim=-1)
+            log_hat = torch.log_softmax(masked, dim=-1).masked_fill_(hidden, 0.0)
+            # KL(p || p_hat) per query row: sum p log p - sum p log p_hat (p = 0 at hidden keys)
+            kl_rows = constants["neg_entropy"] - torch.linalg.vecdot(probs, log_hat)
+            err2 = torch.linalg.vector_norm(err).square()
             result = {
-                "score_rel": float(_ratio(err2, scores.square().sum(), 0.0).sqrt()),
+                "score_rel": float(_ratio(err2, constants["score_ref2"].sum(), 0.0).sqrt()),
                 "kl": float(kl_rows.mean()),
-                "tv": float(0.5 * (probs - probs_hat).abs().sum(-1).mean()),
+                "tv": float(
+                    0.5 * torch.linalg.vector_norm(probs - probs_hat, ord=1) / kl_rows.numel()
+                ),
             }
         v_used = v if v_hat is None else v_hat.to(v)
         out_err2 = (torch.matmul(probs_hat, v_used.unsqueeze(2)) - output).square().sum()
-        result["output_rel"] = float(_ratio(out_err2, output.square().sum(), 0.0).sqrt())
+        out_ref2 = constants["out_ref2"].sum()
+        result["output_rel"] = float(_ratio(out_err2, out_ref2, 0.0).sqrt())
         return result
+
+    @functools.cached_property
+    def _constants(self) -> dict[str, torch.Tensor]:
+        """What every comparison reuses: ``score_ref2`` and ``out_ref2`` (score and output
+        energy per ``[batch, kv_head]``) and ``neg_entropy`` (``sum p log p`` per query row)."""
+        dims = (-3, -2, -1)
+        visible_log = self.log_probs.masked_fill(~self.mask, 0.0)
+        return {
+            "score_ref2": self.scores.square().sum(dims),
+            "out_ref2": self.output.square().sum(dims),
+            "neg_entropy": torch.linalg.vecdot(self.probs, visible_log),
+        }
 
 
 def _scores(
     q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None
 ) -> torch.Tensor:
     """Scores ``[batch, kv_heads, group, seq, seq]`` (unmasked) from grouped ``q`` and ``k``."""
-    scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scaling
+    # one [group * seq, d] x [d, seq] product per KV head (no broadcast copy of k); scaling q,
+    # the smaller operand
+    scores = torch.matmul((q * scaling).flatten(-3, -2), k.transpose(-1, -2))
+    scores = scores.unflatten(-2, q.shape[-3:-1])
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     return scores
@@ -238,8 +259,9 @@ def attention_reference(
     k64, v64 = k.double(), v.double()
     mask = _attention_mask(seq, sliding_window, q.device)
     scores = _scores(q64, k64, scale, softcap).masked_fill(~mask, 0.0)
-    log_probs = torch.log_softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
-    probs = log_probs.exp()
+    masked = scores.masked_fill(~mask, -math.inf)
+    log_probs = torch.log_softmax(masked, dim=-1)
+    probs = torch.softmax(masked, dim=-1)  # as AttentionReference.error computes p_hat
     output = torch.matmul(probs, v64.unsqueeze(2))
     return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, log_probs, probs, output)
 

@@ -2,9 +2,11 @@
 grid and return one tidy :class:`pandas.DataFrame` of measured sizes and errors.
 
 Work is shared where results allow: configs of one kind that differ only in ``rank`` share one
-compression through :func:`gear_lab.compression.compress_ranks` (one SVD per matrix for every rank,
-the GEAR error-vs-rank study of Kang et al. 2024), and the exact attention of each
-(sample, layer) is computed once per task (:func:`gear_lab.metrics.attention_reference`).
+compression through :func:`gear_lab.compression.compress_ranks` (one low-rank fit per matrix for
+every rank, the GEAR error-vs-rank study of Kang et al. 2024), the heads of a layer are compressed
+in one call (each its own matrix), the reconstruction metrics of many configs are computed on one
+stack, and the exact attention of each (sample, layer) is computed once per task
+(:func:`gear_lab.metrics.attention_reference`).
 
 The work is cut into tasks, one per (dump, sample, layer, chunk of configs), that an executor
 (:mod:`gear_lab.executors`: this process, or a Ray cluster) runs; their rows merge into the same
@@ -55,6 +57,9 @@ __all__ = [
 DumpSource: TypeAlias = Dump | str | os.PathLike[str]
 RECONSTRUCTION_COLUMNS = ("rel_fro", "max_abs", "cosine", "snr_db")
 ATTENTION_COLUMNS = ("score_rel", "kl", "tv", "output_rel")
+# the batched path decompresses and measures as many configs at once as keep their float64
+# reconstructions under this size
+_STACK_BYTES = 2**27
 
 
 def expand_grid(grid: Mapping[str, Any]) -> list[CompressionConfig]:
@@ -136,26 +141,39 @@ def _configs(grid: Sequence[CompressionConfig] | Mapping[str, Any]) -> list[Comp
 
 
 def _compress_all(
-    x: torch.Tensor, configs: Sequence[CompressionConfig], kind: str
+    x: torch.Tensor, configs: Sequence[CompressionConfig], chunk: Sequence[int], kind: str
 ) -> list[tuple[int, Compressed]]:
-    """``(config index, Compressed of x)`` for every config, in config order.
+    """``(config index, Compressed of x)`` for the configs at ``chunk`` (indices into
+    ``configs``, the whole grid), in chunk order.
 
-    Configs whose ``kind`` settings and ``block_size`` differ only in ``rank`` are served by one
-    ``compress_ranks`` call (shared outliers and quantization, one SVD of the residual).
+    Configs whose ``kind`` settings and other settings (``block_size``, ...) differ only in
+    ``rank`` are served by one ``compress_ranks`` call (shared outliers and quantization, one
+    low-rank fit at the largest rank). That call always includes the largest rank of the group
+    in the whole grid, so a row does not depend on how the grid is cut into tasks
+    (power-iteration ranks depend on it).
     """
-    groups: dict[tuple[int | None, TensorCompression], list[int]] = {}
+    groups: dict[tuple[TensorCompression, tuple[Any, ...]], list[int]] = {}
     for i, config in enumerate(configs):
         base = dataclasses.replace(config.for_kind(kind), rank=0)
-        groups.setdefault((config.block_size, base), []).append(i)
-    out: list[tuple[int, Compressed]] = []
+        whole = tuple(
+            getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in ("keys", "values", "name", "preset")
+        )  # block_size and every other setting of the whole config
+        groups.setdefault((base, whole), []).append(i)
+    wanted = set(chunk)
+    out: dict[int, Compressed] = {}
     for members in groups.values():
-        ranks = [configs[i].for_kind(kind).rank for i in members]
-        distinct = sorted(set(ranks))
+        ranks = {i: configs[i].for_kind(kind).rank for i in members}
+        needed = [i for i in members if i in wanted]
+        if not needed:
+            continue
+        distinct = sorted({ranks[i] for i in needed} | {max(ranks.values())})
         packed = dict(
             zip(distinct, compress_ranks(x, configs[members[0]], distinct, kind), strict=True)
         )
-        out.extend((i, packed[r]) for i, r in zip(members, ranks, strict=True))
-    return sorted(out, key=lambda item: item[0])
+        out.update((i, packed[ranks[i]]) for i in needed)
+    return [(i, out[i]) for i in chunk]
 
 
 def _settings(config: CompressionConfig, kind: str) -> dict[str, Any]:
@@ -165,6 +183,7 @@ def _settings(config: CompressionConfig, kind: str) -> dict[str, Any]:
         **dataclasses.asdict(config.for_kind(kind)),
         "block_size": config.block_size,
         "prefill_rank": config.prefill_rank,
+        "sinks": config.sinks,
     }
 
 
@@ -219,6 +238,7 @@ class _Job:
     attention: bool
     device: str
     dtype: torch.dtype | None
+    batch: bool = True
 
 
 @dataclass(frozen=True)
@@ -269,7 +289,7 @@ class _OpenDumps(dict[str, Dump]):
 def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]:
     """The rows of one task, ordered by kind, head, config."""
     device = torch.device(job.device)
-    nan_attention = dict.fromkeys(ATTENTION_COLUMNS, math.nan)
+    measure = _measure_batched if job.batch else _measure_alone
     rows: list[dict[str, Any]] = []
     with dumps.get_dump(task.path) as dump:
         ref = None
@@ -277,39 +297,110 @@ def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]
             ref = _reference(dump, task.layer, task.sample, device, job.dtype)
         for kind in job.kinds:
             x = dump.load(kind, task.layer, sample=task.sample, device=device, dtype=job.dtype)
-            x = x[None]
-            for head in task.heads:
-                part = x if head < 0 else x[:, head : head + 1]
-                sel = None if head < 0 else slice(head, head + 1)
-                chunk = [job.configs[i] for i in task.configs]
-                for j, packed in _compress_all(part, chunk, kind):
-                    i = task.configs[j]
-                    x_hat = packed.decompress()
-                    if ref is None or kind == "keys_pre_rope":
-                        att = nan_attention
-                    elif kind == "keys":
-                        att = ref.error(k_hat=x_hat, kv_heads=sel)
-                    else:
-                        att = ref.error(v_hat=x_hat, kv_heads=sel)
-                    rows.append(
-                        {
-                            "model": task.model,
-                            "dump": task.label,
-                            "sample": task.sample,
-                            "layer": task.layer,
-                            "head": head,
-                            "kind": kind,
-                            "config": job.configs[i].name,
-                            "config_index": i,
-                            **_settings(job.configs[i], kind),
-                            "nbytes": packed.nbytes,
-                            "numel": packed.numel,
-                            "bits_per_entry": packed.bits_per_entry,
-                            **metrics.reconstruction(part, x_hat),
-                            **att,
-                        }
-                    )
+            kind_ref = None if kind == "keys_pre_rope" else ref  # pre-RoPE keys: no attention
+            settings = {i: _settings(job.configs[i], kind) for i in task.configs}
+            for head, i, packed, measured in measure(job, task, kind, x[None], kind_ref):
+                nbytes = packed.nbytes
+                rows.append(
+                    {
+                        "model": task.model,
+                        "dump": task.label,
+                        "sample": task.sample,
+                        "layer": task.layer,
+                        "head": head,
+                        "kind": kind,
+                        "config": job.configs[i].name,
+                        "config_index": i,
+                        **settings[i],
+                        "nbytes": nbytes,
+                        "numel": packed.numel,
+                        "bits_per_entry": 8 * nbytes / packed.numel,
+                        **measured,
+                    }
+                )
     return rows
+
+
+_Measured: TypeAlias = Iterator[tuple[int, int, Compressed, dict[str, float]]]
+
+
+def _measure_alone(
+    job: _Job,
+    task: _Task,
+    kind: str,
+    x: torch.Tensor,
+    ref: metrics.AttentionReference | None,
+) -> _Measured:
+    """``(head, config index, Compressed, metrics)`` per head and config of the task, each
+    head compressed alone and each config measured alone (least memory)."""
+    for head in task.heads:
+        part = x if head < 0 else x[:, head : head + 1]
+        sel = None if head < 0 else slice(head, head + 1)
+        for i, packed in _compress_all(part, job.configs, task.configs, kind):
+            x_hat = packed.decompress()
+            att = dict.fromkeys(ATTENTION_COLUMNS, math.nan)
+            if ref is not None:
+                replaced = {"k_hat" if kind == "keys" else "v_hat": x_hat}
+                att = ref.error(**replaced, kv_heads=sel)
+            yield head, i, packed, {**metrics.reconstruction(part, x_hat), **att}
+
+
+def _measure_batched(
+    job: _Job,
+    task: _Task,
+    kind: str,
+    x: torch.Tensor,
+    ref: metrics.AttentionReference | None,
+) -> _Measured:
+    """What :func:`_measure_alone` yields, with the task's heads compressed in one call per
+    group of configs (each head a leading element ``[heads, 1, seq, head_dim]``, so its
+    statistics and low rank are its own) and the reconstruction metrics computed on stacks of
+    configs, as many at once as keep their float64 copies under ``_STACK_BYTES``."""
+    whole = task.heads == (-1,)
+    stack = x if whole else x[0, list(task.heads)].unsqueeze(1)  # [units, 1 | kv, seq, d]
+    packed = _compress_all(stack, job.configs, task.configs, kind)
+    step = max(1, _STACK_BYTES // (stack.numel() * 8))  # float64 reconstructions per config
+    columns: dict[str, list[list[float]]] = {name: [] for name in RECONSTRUCTION_COLUMNS}
+    columns |= {name: [] for name in ATTENTION_COLUMNS}
+    for start in range(0, len(packed), step):
+        x_hat = torch.stack([p.decompress() for _, p in packed[start : start + step]])
+        for name, values in _stack_metrics(task, kind, stack, x_hat, ref).items():
+            columns[name] += values
+    for u, head in enumerate(task.heads):
+        index = torch.tensor([u], device=x.device)
+        for c, (i, compressed) in enumerate(packed):
+            one = compressed if whole else compressed.select(index)
+            yield head, i, one, {name: values[c][u] for name, values in columns.items()}
+
+
+def _stack_metrics(
+    task: _Task,
+    kind: str,
+    stack: torch.Tensor,
+    x_hat: torch.Tensor,
+    ref: metrics.AttentionReference | None,
+) -> dict[str, list[list[float]]]:
+    """Every metric column as ``[config][unit]`` for reconstructions ``x_hat``
+    ``[configs, units, 1 | kv, seq, d]`` of ``stack`` ``[units, 1 | kv, seq, d]``."""
+    n, units = x_hat.shape[:2]
+    dim = stack.shape[-1]
+    rec = metrics.reconstruction_profile(
+        stack.expand_as(x_hat).reshape(1, n * units, -1, dim),
+        x_hat.reshape(1, n * units, -1, dim),
+        by="head",
+    )
+    columns = {name: rec[name].view(n, units).tolist() for name in RECONSTRUCTION_COLUMNS}
+    if ref is None:
+        return columns | dict.fromkeys(ATTENTION_COLUMNS, [[math.nan] * units] * n)
+    replaced = "k_hat" if kind == "keys" else "v_hat"
+    # attention one (config, head) at a time: the working set of a [group, seq, seq] comparison
+    # stays in cache, which on CPU is faster than stacking them
+    sel = [None] if task.heads == (-1,) else [slice(h, h + 1) for h in task.heads]
+    att = [
+        [ref.error(**{replaced: x_hat[c, u : u + 1]}, kv_heads=s) for u, s in enumerate(sel)]
+        for c in range(n)
+    ]
+    return columns | {name: [[a[name] for a in row] for row in att] for name in ATTENTION_COLUMNS}
 
 
 def _tasks(
@@ -383,6 +474,7 @@ def sweep(
     dtype: torch.dtype | None = None,
     executor: str | Executor | None = None,
     configs_per_task: int | None = None,
+    batch: bool = True,
 ) -> pd.DataFrame:
     """Compress the tensors of one or more dumps with every config of ``grid``, measure each.
 
@@ -401,10 +493,16 @@ def sweep(
     (this process), ``"ray"`` or a :class:`gear_lab.executors.RayExecutor` (a Ray cluster,
     resumable Parquet shards). Every executor returns the same table, row for row.
 
+    ``batch``: compress the selected heads of a layer in one call per group of configs (each
+    head still its own matrix) and compute the reconstruction metrics of many configs on one
+    stack (at most 128 MiB of float64 copies at a time); ``False``: one head and one config at a
+    time (least memory, slower). The attention metrics are computed one (config, head) at a time
+    either way. Both give the same table up to float64 summation order (~1e-12 relative).
+
     One row per dump x sample x layer x head x kind x config, columns: ``model, dump`` (the
     dump's model id and path as given), ``sample, layer, head, kind, config`` (its name),
     ``config_index, preset`` (``custom`` when built by hand), every :class:`TensorCompression`
-    field of that kind, ``block_size, prefill_rank``, the measured ``nbytes, numel,
+    field of that kind, ``block_size, prefill_rank, sinks``, the measured ``nbytes, numel,
     bits_per_entry``, the reconstruction metrics ``rel_fro, max_abs, cosine, snr_db`` and the
     attention metrics ``score_rel, kl, tv, output_rel`` (keys rows compress keys only and use
     exact values, values rows the reverse; NaN when ``attention`` is off, the dump has no
@@ -417,6 +515,8 @@ def sweep(
     for kind in kinds:
         if kind not in COMPRESSIBLE_KINDS:
             raise ConfigError(f"kind must be one of {', '.join(COMPRESSIBLE_KINDS)}, got {kind!r}")
+    if not isinstance(batch, bool):
+        raise ConfigError(f"batch must be True or False, got {batch!r}")
     per_task = len(configs) if configs_per_task is None else configs_per_task
     if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
         raise ConfigError(f"configs_per_task must be a positive integer, got {per_task!r}")
@@ -425,7 +525,7 @@ def sweep(
         for start in range(0, len(configs), per_task)
     ]
     runner = get_executor(executor)
-    job = _Job(tuple(configs), tuple(kinds), attention, str(resolve_device(device)), dtype)
+    job = _Job(tuple(configs), tuple(kinds), attention, str(resolve_device(device)), dtype, batch)
     sources = [dump] if isinstance(dump, Dump | str | os.PathLike) else list(dump)
     if not sources:
         raise ConfigError("no dump given")

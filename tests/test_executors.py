@@ -90,11 +90,17 @@ def test_a_failed_task_is_named_and_done_shards_are_kept(local_ray, smol_dump, t
 @needs_ray
 def test_cli_ray_sweep_of_two_dumps(local_ray, two_dumps, tmp_path, capsys):
     out = tmp_path / "t.parquet"
-    argv = ["sweep", *map(str, two_dumps), "--grid", "bits=2", "--layers", "1", "--heads", "1"]
-    code = main([*argv, "--out", str(out), "--executor", "ray", "--shards", str(tmp_path / "s")])
-    assert code == 0 and "wrote 4 rows (1 configs)" in capsys.readouterr().out
+    argv = ["sweep", *map(str, two_dumps), "--grid", "bits=2,4", "--layers", "1", "--heads", "1"]
+    argv += ["--out", str(out), "--executor", "ray", "--shards", str(tmp_path / "s")]
+    code = main([*argv, "--configs-per-task", "1"])
+    assert code == 0 and "wrote 8 rows (2 configs)" in capsys.readouterr().out
+    assert len(list((tmp_path / "s").glob("*.parquet"))) == 2 * 2  # dumps x one-config tasks
     table = pd.read_parquet(out)
-    assert list(table["dump"]) == [str(two_dumps[0])] * 2 + [str(two_dumps[1])] * 2
+    assert list(table["dump"]) == [str(two_dumps[0])] * 4 + [str(two_dumps[1])] * 4
+    serial = sweep(two_dumps, {"bits": [2, 4]}, layers=[1], heads=[1], progress=False)
+    pd.testing.assert_frame_equal(table, serial)
+    assert main([*argv[:-4], "--overwrite", "--configs-per-task", "0"]) == 2
+    assert "configs_per_task must be a positive integer" in capsys.readouterr().err
 
 
 def test_without_ray_one_line_names_the_extra(smol_dump, tmp_path, monkeypatch, capsys):

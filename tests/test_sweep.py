@@ -56,8 +56,11 @@ def test_ranks_share_one_svd_and_attention_once_per_layer(smol_dump, monkeypatch
     svd_calls, ref_calls, group_calls = [], [], []
     real_svd, real_ref = torch.linalg.svd, metrics.attention_reference
     real_ranks = sweep_module.compress_ranks
+    svd_shapes = []
     monkeypatch.setattr(
-        torch.linalg, "svd", lambda *a, **k: svd_calls.append(1) or real_svd(*a, **k)
+        torch.linalg,
+        "svd",
+        lambda x, **k: svd_calls.append(1) or svd_shapes.append(x) or real_svd(x, **k),
     )
     monkeypatch.setattr(
         metrics, "attention_reference", lambda *a, **k: ref_calls.append(1) or real_ref(*a, **k)
@@ -68,14 +71,18 @@ def test_ranks_share_one_svd_and_attention_once_per_layer(smol_dump, monkeypatch
         lambda x, c, ranks, kind: group_calls.append(list(ranks)) or real_ranks(x, c, ranks, kind),
     )
     grid = {"bits": [2], "outliers": [0.0], "rank": [1, 2, 4], "lowrank": ["svd"]}
-    df = sweep(
-        smol_dump, grid, layers=[0, 1], kinds=("keys", "values"), heads=[0, 2], progress=False
-    )
+    options = dict(layers=[0, 1], kinds=("keys", "values"), heads=[0, 2], progress=False)
+    df = sweep(smol_dump, grid, batch=False, **options)
     matrices = 2 * 2 * 2  # layers x kinds x heads, one [seq, head_dim] matrix each
     assert len(df) == matrices * 3
     assert len(svd_calls) == matrices  # not 3 x: one SVD serves ranks 1, 2 and 4
     assert group_calls == [[1, 2, 4]] * matrices
     assert len(ref_calls) == 2  # one exact attention per (sample, layer)
+    # batched: one call (and one batched SVD) per layer and kind serves both heads
+    svd_calls.clear(), ref_calls.clear(), group_calls.clear()
+    pd.testing.assert_frame_equal(sweep(smol_dump, grid, **options), df, rtol=1e-9)
+    assert len(svd_calls) == len(group_calls) == 2 * 2 and len(ref_calls) == 2
+    assert all(call.shape[:2] == (2, 1) for call in svd_shapes[-4:])
 
     # sharing changes nothing: each config compressed alone gives the same rows
     alone = sweep(
@@ -84,8 +91,40 @@ def test_ranks_share_one_svd_and_attention_once_per_layer(smol_dump, monkeypatch
     shared = df[
         (df["layer"] == 1) & (df["kind"] == "values") & (df["head"] == 2) & (df["rank"] == 4)
     ]
-    assert alone["rel_fro"].iloc[0] == shared["rel_fro"].iloc[0]
+    assert alone["rel_fro"].iloc[0] == pytest.approx(shared["rel_fro"].iloc[0], rel=1e-12)
     assert alone["nbytes"].iloc[0] == shared["nbytes"].iloc[0]
+
+
+# presets, bits and ranks: grouped quantizers, outliers, block-wise (kivi), whole-axis groups,
+# power-iteration and SVD low rank
+WIDE_GRID = {
+    "method": ["gear", "gear-kcvt", "kivi", "quant"],
+    "bits": [2, 4],
+    "rank": [0, 1, 3],
+    "lowrank": ["power", "svd"],
+}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(layers="0,4", samples=(0, 1), kinds=("keys", "values", "keys_pre_rope")),
+        dict(layers=[2], heads=[2, 0], dtype=torch.float16),
+        dict(layers=[1], per_head=False),
+    ],
+)
+def test_batched_sweep_equals_one_head_and_config_at_a_time(smol_dump, options):
+    """The batched path (heads compressed in one call, metrics on stacks) gives the table of
+    the one-at-a-time path: sizes exactly, metrics to float64 summation order; cutting the grid
+    into tasks changes nothing, power-iteration ranks included."""
+    fast = sweep(smol_dump, WIDE_GRID, progress=False, **options)
+    slow = sweep(smol_dump, WIDE_GRID, progress=False, batch=False, **options)
+    assert len(fast) == len(slow) > 0 and fast["nbytes"].equals(slow["nbytes"])
+    pd.testing.assert_frame_equal(fast, slow, check_exact=False, rtol=1e-9, atol=1e-12)
+    chunked = sweep(smol_dump, WIDE_GRID, progress=False, configs_per_task=5, **options)
+    pd.testing.assert_frame_equal(chunked, fast, check_exact=False, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ConfigError, match="batch must be"):
+        sweep(smol_dump, WIDE_GRID, batch=1, **options)
 
 
 def test_identity_whole_layer_and_nan_attention(smol_dump):

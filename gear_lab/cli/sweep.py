@@ -7,9 +7,10 @@ semicolons, where NAME is ``method`` or any setting of ``gear-lab eval``'s flags
 ...); values are integers, floats, ``none``, ``true``/``false`` or words. Every combination is
 one config, e.g. ``--method gear --grid 'bits=2,4;rank=0,2,4'`` -> six configs.
 
-``--executor ray`` runs one task per (dump, sample, layer) on a Ray cluster (``--address``; default:
-a local one) and keeps each finished task in ``--shards DIR``, so a rerun resumes; the table is the
-same as the serial one, row for row.
+``--executor ray`` runs one task per (dump, sample, layer, chunk of ``--configs-per-task`` configs;
+default: all configs in one task) on a Ray cluster (``--address``; default: a local one) and keeps
+each finished task in ``--shards DIR``, so a rerun resumes; the table is the same as the serial
+one, row for row.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="folder for the per-task Parquet shards of --executor ray; a rerun resumes from it",
     )
+    parser.add_argument(
+        "--configs-per-task",
+        type=int,
+        metavar="N",
+        help="split each (dump, sample, layer) into tasks of N configs, e.g. to spread a large "
+        "grid over more Ray workers (default: all configs in one task; same table either way)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         heads=args.heads,
         attention=not args.no_attention,
         executor=executor,
+        configs_per_task=args.configs_per_task,
         **dump_work_from_args(args),
     )
     write_table(df, out)

@@ -137,9 +137,37 @@ def power_lowrank(
     ``Q^T R`` (components are not ordered: use :func:`svd_lowrank` to truncate), kept in
     ``factor_dtype`` after :func:`balance` (``left``'s columns are then orthogonal, scaled by
     powers of two)."""
-    q = torch.linalg.qr(r @ gaussian_start(r.shape[-1], rank, seed, r.device, r.dtype)).Q
+    return power_lowrank_ranks(r, [rank], loops, seed, factor_dtype)[0]
+
+
+def power_lowrank_ranks(
+    r: Tensor, ranks: list[int], loops: int = 3, seed: int = 0, factor_dtype: str = "float16"
+) -> list[LowRank]:
+    """Factors at each of ``ranks`` (all >= 1) from one subspace iteration at the largest,
+    ``k``: rank ``k`` gets exactly :func:`power_lowrank`'s factors; a smaller rank ``j`` the
+    best rank-``j`` approximation of ``r`` within that rank-``k`` subspace (an SVD of the small
+    ``Q^T R`` ``[..., k, head_dim]``, Halko et al. 2011, algorithm 5.1), ordered by singular
+    value. That is not bitwise what :func:`power_lowrank` gives at rank ``j`` (its own
+    ``j``-column start): the extra ``k - j`` columns oversample, so it is usually closer."""
+    top = max(ranks)
+    q = torch.linalg.qr(r @ gaussian_start(r.shape[-1], top, seed, r.device, r.dtype)).Q
     rt = r.mT
     for _ in range(loops):
         z = torch.linalg.qr(rt @ q).Q
         q = torch.linalg.qr(r @ z).Q
-    return LowRank.keep(q, q.mT @ r, factor_dtype)
+    return subspace_factors(q, q.mT @ r, ranks, factor_dtype)
+
+
+def subspace_factors(
+    q: Tensor, projected: Tensor, ranks: list[int], factor_dtype: str = "float16"
+) -> list[LowRank]:
+    """The kept factors of :func:`power_lowrank_ranks` from its fitted basis ``q``
+    ``[..., seq, k]`` and projection ``projected = q^T r`` ``[..., k, head_dim]`` (``k`` the
+    largest of ``ranks``); shared with the compiled CPU path, which fits ``q`` itself."""
+    top = q.shape[-1]
+    lower = None
+    if min(ranks) < top:
+        u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+        lower = _factors(q @ u, s, vh, factor_dtype)
+    best = LowRank.keep(q, projected, factor_dtype)
+    return [best if k == top else lower.truncate(k) for k in ranks]
