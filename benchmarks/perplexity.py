@@ -16,7 +16,9 @@ tuned rows come from a search over Hadamard rotation, per-kind bits and group si
 and low rank (``--rows tuning`` runs that grid; one window ranks them): on this model (head_dim
 64, so G <= 64 either way) keys need a bit more precision than values, rotation helps at every
 budget, and GEAR's low rank and outliers cost more bits than they save at these budgets. Verdict lines check the targets of issue 4: at <= 5 bits
-KL <= 0.003 and top-1 >= 97 %; at <= 3 bits KL <= 0.10.
+KL <= 0.003 and top-1 >= 97 %; at <= 3 bits KL <= 0.10. Issue 16's rows add, to the tuned ~3 and
+~5 settings, 1, 4 or 16 attention sinks (the first tokens kept as the model gave them, in float32)
+and keys quantized before RoPE (KVQuant; ``--only sinks,pre-RoPE``).
 
     python benchmarks/perplexity.py [--windows 8] [--rows table|tuning|all] [--only SUBSTRING]
                                     [--model qwen2.5-coder-1.5b]  (the notes' rows: SmolLM2 only)
@@ -33,11 +35,12 @@ import torch
 
 from gear_lab import load_model
 from gear_lab.cache import GearCache
-from gear_lab.cache_specs import CacheSpec
-from gear_lab.compression import CompressionConfig, get_preset
+from gear_lab.cache_specs import CacheSpec, method_label
+from gear_lab.compression import CompressionConfig, get_preset, with_overrides
 from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import GearLabError
 from gear_lab.fidelity import perplexity_check
+from gear_lab.rope import ModelRope
 
 # (label, bits, perplexity, KL, top-1) of the notes' table: 8 windows, full precision 13.16
 NOTES = [
@@ -60,6 +63,53 @@ def _q(bits: int, group: int, **kw) -> CompressionConfig:
     return get_preset("quant", bits=bits, group_size=group, block_size=64, **kw)
 
 
+def half_precision(
+    config: CompressionConfig, *, pre_rope: bool = False, prompt_compression: str = "blockwise"
+):
+    """A cache factory: GearCache of ``config`` compressing float16 K/V (``pre_rope``: keys
+    quantized before RoPE; ``prompt_compression``: see :class:`GearCache`)."""
+
+    def factory(model: torch.nn.Module) -> GearCache:
+        return GearCache(
+            config,
+            model_config=model.config,
+            storage_dtype=STORAGE,
+            prompt_compression=prompt_compression,
+            pre_rope=ModelRope(model) if pre_rope else None,
+        )
+
+    factory.label = method_label(config, pre_rope=pre_rope)
+    return factory
+
+
+TUNED_5 = _q(5, 64, value_bits=4, rotate=True)
+TUNED_3 = _q(3, 64, value_bits=2, rotate=True)
+
+
+def _sinks_and_pre_rope(name: str, config: CompressionConfig) -> dict[str, CacheSpec]:
+    """Issue 16's rows of a tuned setting: attention sinks (the first tokens kept as the model
+    gave them, float32; the prompt after them compressed as one block, so that no other prefill
+    token stays in full precision: with G = 64 and no low rank a 512-token one-shot block
+    quantizes exactly as 8 blocks of 64) and keys quantized before RoPE (KVQuant). A float32
+    sink costs 1/16 bit per entry of a 512-token prefill; keys grouped over 128 tokens (within
+    the one-block prompt) pay for it."""
+    rows: dict[str, CacheSpec] = {}
+    for sinks in (1, 4, 16):
+        sunk = with_overrides(config, sinks=sinks)
+        label = f"{name} + {sinks} sink{'s' if sinks > 1 else ''}"
+        rows[label] = half_precision(sunk, prompt_compression="oneshot")
+    rows[f"{name}, pre-RoPE keys"] = half_precision(config, pre_rope=True)
+    rows[f"{name}, pre-RoPE keys + 4 sinks"] = half_precision(
+        with_overrides(config, sinks=4), pre_rope=True, prompt_compression="oneshot"
+    )
+    fitted = with_overrides(config, key_group_size=128, sinks=1)
+    rows[f"{name}, keys G 128 + 1 sink"] = half_precision(fitted, prompt_compression="oneshot")
+    rows[f"{name}, keys G 128 + 1 sink, pre-RoPE keys"] = half_precision(
+        fitted, pre_rope=True, prompt_compression="oneshot"
+    )
+    return rows
+
+
 # the table: the notes' settings with GearCache, the baselines, and the tuned rows
 TABLE: dict[str, CacheSpec | CompressionConfig] = {
     "KIVI-style 4-bit, G = 32": _q(4, 32),
@@ -72,9 +122,11 @@ TABLE: dict[str, CacheSpec | CompressionConfig] = {
     "KIVI-style 2-bit, G = 32": _q(2, 32),
     "QuantizedCache quanto 4-bit, G = 32": "quantized:quanto:4:32",
     "QuantizedCache hqq 4-bit, G = 32": "quantized:hqq:4:32",
-    "tuned ~5: Hadamard, keys 5-bit, values 4-bit, G 64": _q(5, 64, value_bits=4, rotate=True),
+    "tuned ~5: Hadamard, keys 5-bit, values 4-bit, G 64": TUNED_5,
     "tuned ~4: Hadamard, keys 4-bit, values 3-bit, G 64": _q(4, 64, value_bits=3, rotate=True),
-    "tuned ~3: Hadamard, keys 3-bit, values 2-bit, G 64": _q(3, 64, value_bits=2, rotate=True),
+    "tuned ~3: Hadamard, keys 3-bit, values 2-bit, G 64": TUNED_3,
+    **_sinks_and_pre_rope("tuned ~5", TUNED_5),
+    **_sinks_and_pre_rope("tuned ~3", TUNED_3),
 }
 # the search the tuned rows come from (one window is enough to rank them; ~15 s each)
 TUNING: dict[str, CompressionConfig] = {
@@ -132,16 +184,6 @@ TUNING: dict[str, CompressionConfig] = {
 }
 
 
-def half_precision(config: CompressionConfig):
-    """A cache factory: GearCache of ``config`` compressing float16 K/V."""
-
-    def factory(model: torch.nn.Module) -> GearCache:
-        return GearCache(config, model_config=model.config, storage_dtype=STORAGE)
-
-    factory.label = config.name
-    return factory
-
-
 @dataclass
 class Line:
     label: str
@@ -188,10 +230,11 @@ def measure(rows: dict, windows: int, model_name: str = DEFAULT_MODEL) -> list[L
     return lines
 
 
-def verdicts(lines: list[Line]) -> list[str]:
+def verdicts(lines: list[Line], targets: tuple = TARGETS) -> list[str]:
+    """One line per ``(bits budget, max KL, min top-1)`` target: the measured row that meets it."""
     out = []
     measured = [x for x in lines if x.source == "measured"]
-    for budget, max_kl, min_top1 in TARGETS:
+    for budget, max_kl, min_top1 in targets:
         fits = [x for x in measured if x.bits <= budget + 1e-9]
         goal = f"KL <= {max_kl}" + (f" and top-1 >= {min_top1:.0%}" if min_top1 else "")
         if not fits:

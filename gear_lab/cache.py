@@ -19,10 +19,12 @@ top of transformers' public cache-layer API:
 - when decoding fills the buffer, that block is compressed once and appended; nothing is ever
   re-compressed or thrown away (except on sliding-window layers, below);
 - attention sees the decompressed blocks followed by the buffer, and the current step's own K/V in
-  full precision. Memory-true mode (the default): each update decompresses the layer's chunks
-  (a handful of ops per chunk) and writes them, with one ``index_copy_`` per chunk, the buffer and
-  the new states, into one :class:`Transient` buffer shared by all layers, and returns views of
-  it; nothing decompressed outlives the step. Workspace mode (``workspace=True``, a speed
+  full precision. Memory-true mode (the default): each update writes the buffer, the new states
+  and the layer's decompressed chunks into one :class:`Transient` buffer shared by all layers and
+  returns views of it; nothing decompressed outlives the step. A chunk of unpadded rows of equal
+  length (blocks kept sorted by row and start) is decompressed straight into its strided view
+  of the transient (:meth:`Compressed.decompress_into`: codes read through a byte table, scales,
+  low rank and outliers applied in place), others with one ``index_copy_`` per kind. Workspace mode (``workspace=True``, a speed
   option): the decompressed concatenation is kept as a per-layer workspace updated block by
   block, so a decoding step decompresses nothing. :meth:`GearCache.nbytes` counts what is *held*
   (compressed parts plus buffers), :meth:`GearCache.resident_nbytes` every byte kept
@@ -48,6 +50,13 @@ generation equals ``DynamicCache(config=...)``'s, and a windowed cache generates
 as one built without ``model_config`` while holding less. Without
 ``model_config`` every layer keeps everything and the attention mask hides what is out of window.
 
+Attention sinks (``config.sinks = N``; StreamingLLM, Xiao et al. 2024; KVQuant keeps them in
+fp16): each row's first ``N`` real tokens are never compressed and reach attention exactly as the
+model gave them; blocks start after them. Pre-RoPE keys (``pre_rope``; KVQuant, Hooper et al.
+2024): key blocks are un-rotated with the model's own RoPE (:class:`gear_lab.rope.ModelRope`)
+before they are compressed and rotated again when decompressed; quantization off, the logits
+equal post-RoPE's within float rounding.
+
 Tested with transformers 5.24 (see :data:`TESTED_TRANSFORMERS`); the few places that depend on
 the transformers release are gathered in the "compatibility" section below.
 """
@@ -56,8 +65,9 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -67,6 +77,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from gear_lab.architecture import FULL, SLIDING, model_arch
 from gear_lab.compression import Compressed, CompressionConfig, compress, get_preset
 from gear_lab.errors import CacheError, ConfigError
+from gear_lab.rope import ModelRope, rope_positions
 
 DEFAULT_BLOCK_SIZE = 64  # n_b of the GEAR paper's code
 #: how a prompt is compressed: in blocks of n_b tokens (GEAR streaming) or all at once
@@ -108,7 +119,10 @@ class _Chunk:
     compression config, stacked with :meth:`Compressed.cat`: ``keys`` / ``values`` are
     ``[n, kv_heads, size, head_dim]``; block ``j`` belongs to batch row ``rows[j]`` and starts at
     absolute position ``starts[j]`` (``rows`` / ``starts``: ``[n]`` int64 on the states' device,
-    ``first`` the smallest start)."""
+    ``first`` the smallest start). Blocks are kept sorted by (row, start); ``grid`` is
+    ``(rows, count)`` when rows ``0 .. rows - 1`` each hold ``count`` blocks at the same starts
+    ``first, first + size, ...`` (unpadded rows of equal length): the chunk is then a strided
+    ``[rows, count, kv_heads, size, head_dim]`` view of ``[batch, kv_heads, seq, head_dim]``."""
 
     size: int
     keys: Compressed
@@ -116,6 +130,10 @@ class _Chunk:
     rows: torch.Tensor
     starts: torch.Tensor
     first: int
+    grid: tuple[int, int] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._arrange()
 
     @property
     def nbytes(self) -> int:
@@ -134,18 +152,70 @@ class _Chunk:
         self.rows = torch.cat([self.rows, other.rows])
         self.starts = torch.cat([self.starts, other.starts])
         self.first = min(self.first, other.first)
+        self._arrange()
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the blocks at ``index`` (``[k]`` int64)."""
         self.keys, self.values = self.keys.select(index), self.values.select(index)
         self.rows, self.starts = self.rows[index], self.starts[index]
         self.first = int(self.starts.min())
+        self._arrange()
 
-    def scatter(self, keys: torch.Tensor, values: torch.Tensor, origin: int) -> None:
+    def _arrange(self) -> None:
+        """Sort the blocks by (row, start) and set :attr:`grid` (once per change of blocks)."""
+        rows, starts = self.rows.tolist(), self.starts.tolist()
+        order = sorted(range(len(rows)), key=lambda j: (rows[j], starts[j]))
+        if order != list(range(len(rows))):
+            index = torch.tensor(order, device=self.rows.device)
+            self.keys, self.values = self.keys.select(index), self.values.select(index)
+            self.rows, self.starts = self.rows[index], self.starts[index]
+            rows, starts = [rows[j] for j in order], [starts[j] for j in order]
+        count = rows.count(0)
+        tiles = len(rows) // count if count else 0
+        one_row = list(range(self.first, self.first + count * self.size, self.size))
+        grid = count > 0 and rows == [r for r in range(tiles) for _ in range(count)]
+        self.grid = (tiles, count) if grid and starts == one_row * tiles else None
+
+    def scatter(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        origin: int,
+        rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """Write the decompressed blocks into ``keys`` / ``values`` (contiguous
-        ``[batch, kv_heads, length, head_dim]`` whose position 0 is absolute ``origin``) with one
-        ``index_copy_`` per kind; tokens before ``origin`` are skipped."""
-        _, heads, length, dim = keys.shape
+        ``[batch, kv_heads, length, head_dim]`` whose position 0 is absolute ``origin``); tokens
+        before ``origin`` are skipped. A :attr:`grid` chunk is decompressed straight into its view
+        of them (:meth:`Compressed.decompress_into`, no temporary of the chunk's size); other
+        chunks, and blocks that RoPE or a dtype change must pass through first, with one
+        ``index_copy_`` per kind. ``rope(key blocks, rows, starts)``: applies RoPE to the
+        decompressed key blocks (keys compressed before RoPE)."""
+        turn = None if rope is None else lambda blocks: rope(blocks, self.rows, self.starts)
+        index = inside = None
+        for part, out, transform in ((self.keys, keys, turn), (self.values, values, None)):
+            view = self._view(out, origin)
+            if view is not None and transform is None and part.dtype == out.dtype:
+                part.decompress_into(view)
+                continue
+            if index is None:
+                index, inside = self._index(out.shape, origin)
+            _write_blocks(part, out.view(-1, out.shape[-1]), index, inside, transform)
+
+    def _view(self, out: torch.Tensor, origin: int) -> torch.Tensor | None:
+        """The ``[rows, count, kv_heads, size, head_dim]`` view of ``out`` a :attr:`grid` chunk
+        fills (``None``: no grid, or a sliding window's edge cuts the oldest blocks)."""
+        if self.grid is None or self.first < origin:
+            return None
+        rows, count = self.grid
+        lo = self.first - origin
+        region = out[:rows, :, lo : lo + count * self.size]
+        return region.unflatten(2, (count, self.size)).transpose(1, 2)
+
+    def _index(self, shape: torch.Size, origin: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(index, inside)``: the rows of a ``[tokens, head_dim]`` view of ``shape``
+        (``[batch, kv_heads, length, head_dim]``, position 0 at ``origin``) that the blocks'
+        rows go to, and which of those rows are inside (``None``: all)."""
+        _, heads, length, _ = shape
         steps = torch.arange(self.size, device=self.starts.device)
         position = (self.starts - origin)[:, None, None] + steps  # [n, 1, size]
         heads_of = self.rows[:, None] * heads + torch.arange(heads, device=steps.device)  # [n, h]
@@ -154,25 +224,33 @@ class _Chunk:
         if self.first < origin:  # a sliding window's edge cuts the oldest blocks
             inside = (position >= 0).expand(-1, heads, -1).reshape(-1)
             index = index[inside]
-        for part, out in ((self.keys, keys), (self.values, values)):
-            _write_blocks(part, out.view(-1, dim), index, inside)
+        return index, inside
 
 
 def _write_blocks(
-    part: Compressed, out: torch.Tensor, index: torch.Tensor, inside: torch.Tensor | None
+    part: Compressed,
+    out: torch.Tensor,
+    index: torch.Tensor,
+    inside: torch.Tensor | None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """``out[index] = `` the decompressed blocks' rows (``out``: ``[tokens, head_dim]`` view of
-    the transient or workspace); a function of its own so each decompression is freed before the
+    the transient or workspace), each ``[n, kv_heads, size, head_dim]`` block batch passed
+    through ``transform`` first; a function of its own so each decompression is freed before the
     next. ``reshape``: a one-shot block whose length is not a multiple of the group size
     decompresses to a non-contiguous slice."""
-    block = part.decompress().to(out.dtype).reshape(-1, out.shape[-1])
+    block = part.decompress().to(out.dtype)
+    if transform is not None:
+        block = transform(block)
+    block = block.reshape(-1, out.shape[-1])
     out.index_copy_(0, index, block if inside is None else block[inside])
 
 
 @dataclass
 class _Row:
     """Streaming state of one batch row: ``done`` is the absolute end of its compressed part
-    (its buffer is ``[done, seq)``); ``first`` its first real (non-padding) position."""
+    (its buffer is ``[done, seq)``; it starts after the row's attention sinks); ``first`` its
+    first real (non-padding) position."""
 
     first: int
     done: int
@@ -221,15 +299,26 @@ class GearLayer(DynamicLayer):
     first filled (default: no padding); ``prompt_compression`` (:data:`PROMPT_COMPRESSIONS`) says
     whether the first update (the prompt) is compressed in blocks of ``n_b`` or as one block;
     ``workspace`` picks the mode and ``transient`` (memory-true mode; ``None``: its own) is the
-    buffer shared by all layers of a cache.
+    buffer shared by all layers of a cache. ``rope(keys, positions, inverse=False)`` (``keys``
+    ``[n, kv_heads, seq, head_dim]``, ``positions`` ``[n, seq]``) rotates keys by this layer's
+    RoPE (``inverse``: undoes it); given, key blocks are compressed before RoPE (KVQuant, Hooper
+    et al. 2024): un-rotated at each token's position, compressed, and rotated again when
+    decompressed. A row's RoPE positions count from its first real token, as ``generate``
+    numbers a left-padded row.
+
+    Attention sinks (``config.sinks = N``): the first ``N`` real tokens of each row are never
+    compressed; they stay as given (post-RoPE, in the states' dtype): in memory-true mode in
+    ``sink_keys`` / ``sink_values`` ``[batch, kv_heads, N, head_dim]``, in workspace mode in the
+    workspace. A row's blocks start after its sinks. On a sliding-window layer sinks leave the
+    window like any token.
 
     Compressed blocks live in a few :class:`_Chunk` s (one per compression config and block
     size: prompt blocks at ``prefill_rank``, decode blocks), each block indexed by (row, start).
     ``self.keys`` / ``self.values`` ``[batch, kv_heads, seq_kept, head_dim]`` are the
     full-precision states kept: in memory-true mode (``workspace=False``) only the buffer tail
-    from ``min(row.done)`` (fewer than ``n_b`` tokens, which covers every row's buffer); in
-    workspace mode the decompressed blocks followed by the buffers, from absolute position
-    ``self.offset``.
+    from ``min(row.done)`` (fewer than ``n_b`` tokens past the sinks, which covers every row's
+    buffer); in workspace mode the decompressed blocks followed by the buffers, from absolute
+    position ``self.offset``.
     """
 
     is_croppable = False
@@ -245,9 +334,15 @@ class GearLayer(DynamicLayer):
         prompt_compression: str = "blockwise",
         workspace: bool = False,
         transient: Transient | None = None,
+        rope: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.sinks = config.sinks
+        self.rope = rope
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self.firsts: torch.Tensor | None = None  # [batch] each row's first real position
         self.prompt_compression = prompt_compression
         self.block_size = block_size
         self.storage_dtype = storage_dtype
@@ -268,7 +363,8 @@ class GearLayer(DynamicLayer):
         self.keys = key_states.new_empty((batch, heads, 0, dim))
         self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
         first = self.padding_starts(batch)
-        self.rows = [_Row(first=p, done=p) for p in first]
+        self.rows = [_Row(first=p, done=p + self.sinks) for p in first]
+        self.firsts = torch.tensor(first, device=key_states.device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -289,6 +385,8 @@ class GearLayer(DynamicLayer):
             values = torch.cat([self.values, value_states], dim=-2)
         else:
             keys, values = self._reconstruct(key_states, value_states, past)
+            if self.sinks and past < max(row.first for row in self.rows) + self.sinks:
+                self._keep_sinks(keys, values, origin)
         out_keys, out_values = keys, values
         if self.is_sliding:
             # what DynamicSlidingWindowLayer returns: the last window - 1 cached tokens + the new ones
@@ -302,8 +400,9 @@ class GearLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, past: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory-true mode: write positions ``[offset, cumulative_length)`` into the shared
-        transient (zeros before each row's first real token, the buffer tail, the new states,
-        the decompressed chunks) and return its views ``[batch, kv_heads, seq, head_dim]``."""
+        transient (zeros before each row's first real token, the buffer tail, the sinks, the new
+        states, the decompressed chunks) and return its views
+        ``[batch, kv_heads, seq, head_dim]``."""
         batch, heads, _, dim = key_states.shape
         shape = (batch, heads, self.cumulative_length - self.offset, dim)
         keys, values = self.transient.views(shape, key_states.dtype, key_states.device)
@@ -315,11 +414,47 @@ class GearLayer(DynamicLayer):
                 values[i, :, :padded] = 0
         now = past - self.offset
         keys[..., tail:now, :], values[..., tail:now, :] = self.keys, self.values
+        if self.sink_keys is not None:
+            for i, (lo, hi) in enumerate(self._sink_spans(past)):
+                at = lo - self.rows[i].first  # the first sink slot still in the window
+                span = slice(lo - self.offset, hi - self.offset)
+                keys[i, :, span] = self.sink_keys[i, :, at : at + hi - lo]
+                values[i, :, span] = self.sink_values[i, :, at : at + hi - lo]
         keys[..., now:, :], values[..., now:, :] = key_states, value_states
         # after the tail: a row whose blocks reach past min(done) reads them decompressed
         for chunk in self.chunks.values():
-            chunk.scatter(keys, values, self.offset)
+            chunk.scatter(keys, values, self.offset, self._block_rope if self.rope else None)
         return keys, values
+
+    def _sink_spans(self, end: int) -> list[tuple[int, int]]:
+        """Each row's attention sinks cached before absolute position ``end`` and still in the
+        window, as absolute ``(lo, hi)`` (``hi <= lo``: none)."""
+        return [
+            (max(row.first, self.offset), min(row.first + self.sinks, end)) for row in self.rows
+        ]
+
+    def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, origin: int) -> None:
+        """Memory-true mode: copy the sinks that ``keys`` / ``values`` (absolute position
+        ``origin`` first) hold into ``sink_keys`` / ``sink_values``, as they arrive."""
+        if self.sink_keys is None:
+            batch, heads, _, dim = keys.shape
+            self.sink_keys = keys.new_zeros((batch, heads, self.sinks, dim))
+            self.sink_values = values.new_zeros((batch, heads, self.sinks, values.shape[-1]))
+        for i, (lo, hi) in enumerate(self._sink_spans(self.cumulative_length)):
+            at = lo - self.rows[i].first
+            self.sink_keys[i, :, at : at + hi - lo] = keys[i, :, lo - origin : hi - origin]
+            self.sink_values[i, :, at : at + hi - lo] = values[i, :, lo - origin : hi - origin]
+
+    def _block_rope(
+        self, blocks: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, inverse: bool = False
+    ) -> torch.Tensor:
+        """Key blocks ``[n, kv_heads, size, head_dim]`` of rows ``rows`` starting at absolute
+        ``starts`` (``[n]``) rotated by RoPE at their positions (``inverse``: un-rotated);
+        unchanged when keys are compressed after RoPE (no ``rope``)."""
+        if self.rope is None:
+            return blocks
+        positions = rope_positions(starts - self.firsts[rows], blocks.shape[-2])
+        return self.rope(blocks, positions, inverse=inverse)
 
     def _drop_outside_window(self) -> None:
         """Keep only the last ``window - 1`` tokens (all a later step can attend to)."""
@@ -336,6 +471,8 @@ class GearLayer(DynamicLayer):
         for row in self.rows:
             # tokens that left the window before their block filled are never compressed
             row.done = max(row.done, keep_from)
+        if all(hi <= lo for lo, hi in self._sink_spans(self.cumulative_length)):
+            self.sink_keys = self.sink_values = None  # every sink left the window
 
     def _compress_full_blocks(
         self, keys: torch.Tensor, values: torch.Tensor, origin: int, prefill: bool
@@ -380,6 +517,9 @@ class GearLayer(DynamicLayer):
         for i, count in counts:
             rows += [i] * count
             starts += range(self.rows[i].done, self.rows[i].done + count * size, size)
+        device = keys.device
+        block_rows = torch.tensor(rows, device=device)
+        block_starts = torch.tensor(starts, device=device)
         parts = []
         for kind, states in (("keys", keys), ("values", values)):
             pieces = []
@@ -389,19 +529,13 @@ class GearLayer(DynamicLayer):
                 pieces.append(states[i, :, lo : lo + count * size].unflatten(1, (count, size)))
             # a copy: what is kept must not alias the states
             blocks = torch.cat([p.transpose(0, 1) for p in pieces])
+            if kind == "keys":  # with rope, KVQuant's keys before RoPE
+                blocks = self._block_rope(blocks, block_rows, block_starts, inverse=True)
             blocks = blocks.to(self.storage_dtype or blocks.dtype)
             parts.append(compress(blocks, self.config.for_kind(kind, prefill), kind))
-        device = keys.device
-        new = _Chunk(
-            size,
-            parts[0],
-            parts[1],
-            torch.tensor(rows, device=device),
-            torch.tensor(starts, device=device),
-            min(starts),
-        )
+        new = _Chunk(size, parts[0], parts[1], block_rows, block_starts, min(starts))
         if self.workspace:  # attention at later steps sees the decompressed blocks
-            new.scatter(keys, values, origin)
+            new.scatter(keys, values, origin, self._block_rope if self.rope else None)
         key = (self.config.for_kind("keys", prefill), self.config.for_kind("values", prefill), size)
         if key in self.chunks:
             self.chunks[key].extend(new)
@@ -435,20 +569,24 @@ class GearLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         """Bytes held: compressed blocks plus every row's full-precision buffer
-        (``[max(done, first), seq)`` of each row, padding excluded)."""
+        (``[max(done, first), seq)`` of each row, padding excluded) and attention sinks."""
         if not self.is_initialized:
             return 0
         _, heads, _, dim = self.keys.shape
         per_token = 2 * heads * dim * self.keys.element_size()
-        buffers = sum(self.cumulative_length - max(row.done, row.first) for row in self.rows)
-        return sum(chunk.nbytes for chunk in self.chunks.values()) + buffers * per_token
+        seq = self.cumulative_length
+        buffers = sum(max(seq - max(row.done, row.first), 0) for row in self.rows)
+        sinks = sum(max(hi - lo, 0) for lo, hi in self._sink_spans(seq))
+        return sum(chunk.nbytes for chunk in self.chunks.values()) + (buffers + sinks) * per_token
 
     def memory_breakdown(self) -> dict[str, int]:
         """Resident bytes, measured from the tensors kept: ``compressed`` (the chunks'
         compressed parts), ``index`` (their block index), ``buffers`` (memory-true mode: the
-        full-precision tail) and ``workspace`` (workspace mode: the decompressed workspace, its
-        buffer tokens included)."""
+        full-precision tail and the attention sinks) and ``workspace`` (workspace mode: the
+        decompressed workspace, its buffer tokens and sinks included)."""
         kept = self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+        if self.sink_keys is not None:
+            kept += self.sink_keys.nbytes + self.sink_values.nbytes
         return {
             "compressed": sum(chunk.nbytes for chunk in self.chunks.values()),
             "index": sum(chunk.index_nbytes for chunk in self.chunks.values()),
@@ -485,6 +623,7 @@ class GearLayer(DynamicLayer):
         self.rows = []
         self.chunks = {}
         self.compressions = 0
+        self.sink_keys = self.sink_values = self.firsts = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise CacheError("GearCache cannot be cropped (compressed blocks are never re-opened)")
@@ -509,7 +648,10 @@ class GearCache(Cache):
     """A transformers cache that stores K/V as GEAR-compressed blocks plus a recent buffer.
 
     ``GearCache("gear", bits=2)`` takes a preset name and :func:`gear_lab.compression.get_preset`
-    overrides; ``GearCache(config)`` a :class:`gear_lab.compression.CompressionConfig`. ``n_b`` is
+    overrides; ``GearCache(config)`` a :class:`gear_lab.compression.CompressionConfig`;
+    ``GearCache([config_0, config_1, ...])`` one config per decoder layer (a per-layer bit
+    allocation, :mod:`gear_lab.allocation`; with ``model_config`` the list must have one entry per
+    layer, without it a layer past the list raises :class:`CacheError`). ``n_b`` is each layer's
     ``config.block_size`` (default 64). Give ``model_config`` (the model's ``config``) to keep
     sliding-window layers windowed. ``storage_dtype`` (e.g. ``torch.float16``, as a half-precision
     cache holds K/V) is the dtype blocks are compressed in (kept outliers are stored in it);
@@ -517,6 +659,12 @@ class GearCache(Cache):
     block instead of blocks of ``n_b`` (:data:`PROMPT_COMPRESSIONS`; decoding is block-wise either
     way). Use as ``model.generate(ids, past_key_values=GearCache(...))``
     or in plain forward calls; for a left-padded batch call :meth:`set_padding` first.
+    ``pre_rope=ModelRope(model)`` (:class:`gear_lab.rope.ModelRope`) quantizes keys before RoPE
+    (KVQuant, Hooper et al. 2024): transformers hands the cache post-RoPE keys, so each block is
+    un-rotated at its tokens' positions before it is compressed and rotated again when
+    decompressed (the buffer, the sinks and the new states stay post-RoPE, as given).
+    ``config.sinks = N`` keeps each row's first ``N`` real tokens in full precision (attention
+    sinks, :class:`GearLayer`).
 
     Memory (the default, ``workspace=False``, *memory-true*): between steps a layer keeps its
     compressed blocks and a full-precision buffer of fewer than ``n_b`` tokens, nothing else; each
@@ -529,27 +677,38 @@ class GearCache(Cache):
 
     def __init__(
         self,
-        method: str | CompressionConfig = "gear",
+        method: str | CompressionConfig | Sequence[CompressionConfig] = "gear",
         *,
         model_config: Any = None,
         storage_dtype: torch.dtype | None = None,
         prompt_compression: str = "blockwise",
         workspace: bool = False,
+        pre_rope: ModelRope | None = None,
         **overrides: Any,
     ) -> None:
         _check_transformers_version()
-        if isinstance(method, CompressionConfig):
-            if overrides:
-                raise ConfigError("overrides apply to a preset name, not to a CompressionConfig")
-            config = method
-        elif isinstance(method, str):
-            config = get_preset(method, **overrides)
+        if pre_rope is not None and not isinstance(pre_rope, ModelRope):
+            raise ConfigError(f"pre_rope must be a ModelRope(model) or None, got {pre_rope!r}")
+        self.pre_rope = pre_rope
+        #: the config of every layer (``None``: per layer, :attr:`layer_configs`)
+        self.config: CompressionConfig | None = None
+        #: one config per decoder layer (``None``: :attr:`config` for all)
+        self.layer_configs: tuple[CompressionConfig, ...] | None = None
+        if isinstance(method, str):
+            self.config = get_preset(method, **overrides)
+        elif overrides:
+            raise ConfigError("overrides apply to a preset name, not to a CompressionConfig")
+        elif isinstance(method, CompressionConfig):
+            self.config = method
+        elif isinstance(method, Sequence) and all(isinstance(c, CompressionConfig) for c in method):
+            if not method:
+                raise ConfigError("per-layer configs: the list is empty")
+            self.layer_configs = tuple(method)
         else:
             raise ConfigError(
-                f"method must be a preset name or a CompressionConfig, got {method!r}"
+                "method must be a preset name, a CompressionConfig or a list of them (one per "
+                f"layer), got {type(method).__name__}"
             )
-        self.config = config
-        self.block_size = config.block_size or DEFAULT_BLOCK_SIZE
         if storage_dtype is not None and not (
             isinstance(storage_dtype, torch.dtype) and storage_dtype.is_floating_point
         ):
@@ -574,19 +733,43 @@ class GearCache(Cache):
                 raise CacheError(
                     f"GearCache supports full and sliding attention layers, not {unsupported}"
                 )
-            super().__init__(layers=[self._new_layer(w) for w in arch.sliding_windows])
+            if self.layer_configs is not None and len(self.layer_configs) != arch.num_layers:
+                raise ConfigError(
+                    f"per-layer configs: got {len(self.layer_configs)} for a model of "
+                    f"{arch.num_layers} layers"
+                )
+            windows = enumerate(arch.sliding_windows)
+            super().__init__(layers=[self._new_layer(i, w) for i, w in windows])
             self._lazy_layers = False
 
-    def _new_layer(self, sliding_window: int | None = None) -> GearLayer:
+    @property
+    def configs(self) -> tuple[CompressionConfig, ...]:
+        """Every config the cache uses: :attr:`layer_configs`, else ``(config,)``."""
+        return self.layer_configs or (self.config,)
+
+    def config_for(self, layer_idx: int) -> CompressionConfig:
+        """The compression config of layer ``layer_idx``."""
+        if self.layer_configs is None:
+            return self.config
+        if layer_idx >= len(self.layer_configs):
+            raise CacheError(
+                f"layer {layer_idx} has no config: the per-layer configs cover "
+                f"{len(self.layer_configs)} layers"
+            )
+        return self.layer_configs[layer_idx]
+
+    def _new_layer(self, layer_idx: int, sliding_window: int | None = None) -> GearLayer:
+        config = self.config_for(layer_idx)
         return GearLayer(
-            self.config,
-            self.block_size,
+            config,
+            config.block_size or DEFAULT_BLOCK_SIZE,
             sliding_window=sliding_window,
             storage_dtype=self.storage_dtype,
             padding_starts=self.padding_starts,
             prompt_compression=self.prompt_compression,
             workspace=self.workspace,
             transient=self.transient,
+            rope=None if self.pre_rope is None else partial(self.pre_rope.rotate, layer=layer_idx),
         )
 
     def update(
@@ -600,7 +783,7 @@ class GearCache(Cache):
         """Update layer ``layer_idx`` (created on first use when no ``model_config`` was given)."""
         if self._lazy_layers:
             while len(self.layers) <= layer_idx:
-                self.layers.append(self._new_layer())
+                self.layers.append(self._new_layer(len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:

@@ -1,7 +1,9 @@
 """Cache specs: one name for every cache a fidelity check or benchmark can run, and its size.
 
 A *cache spec* is a :class:`gear_lab.compression.CompressionConfig`, a preset name (``"gear"``,
-``"kivi"``, ... -> :class:`gear_lab.cache.GearCache`), ``"dynamic"`` (transformers'
+``"kivi"``, ... -> :class:`gear_lab.cache.GearCache`), a per-layer
+:class:`gear_lab.allocation.LayerAllocation` (a ``GearCache`` with one config per layer, storing
+K/V in the dtype the allocation was measured in), ``"dynamic"`` (transformers'
 full-precision ``DynamicCache``) or ``"quantized:<backend>:<bits>[:<group_size>]"`` (transformers'
 ``QuantizedCache`` with the ``quanto`` or ``hqq`` backend, a KIVI-like baseline; needs the
 ``baselines`` extra), or a factory ``model -> Cache`` (named by its ``label`` or ``__name__``).
@@ -19,11 +21,13 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
+from gear_lab.allocation import LayerAllocation
 from gear_lab.cache import GearCache
 from gear_lab.compression import CompressionConfig, get_preset, list_presets
 from gear_lab.errors import CacheError, ConfigError, first_line
+from gear_lab.rope import ModelRope
 
-CacheSpec = CompressionConfig | str | Callable[[torch.nn.Module], Cache]
+CacheSpec = CompressionConfig | LayerAllocation | str | Callable[[torch.nn.Module], Cache]
 
 #: backend name -> the module its QuantizedCache needs
 _QUANTIZED_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
@@ -31,36 +35,55 @@ _QUANTIZED_BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
 QUANTIZED_RESIDUAL_LENGTH = 64
 
 
-def method_label(spec: CacheSpec) -> str:
-    """Human-readable name of a cache spec (a factory's ``label`` or ``__name__``)."""
+def method_label(spec: CacheSpec, *, pre_rope: bool = False) -> str:
+    """Human-readable name of a cache spec (a factory's ``label`` or ``__name__``), with
+    ``+ pre-RoPE keys`` for a cache built with ``pre_rope`` (:func:`make_cache`)."""
+    if pre_rope:
+        return f"{method_label(spec)} + pre-RoPE keys"
     if isinstance(spec, CompressionConfig):
         return spec.name
+    if isinstance(spec, LayerAllocation):
+        return spec.label
     if callable(spec):
         return str(getattr(spec, "label", None) or getattr(spec, "__name__", repr(spec)))
     return str(spec)
 
 
-def make_cache(spec: CacheSpec, model: torch.nn.Module) -> Cache:
+def make_cache(spec: CacheSpec, model: torch.nn.Module, *, pre_rope: bool = False) -> Cache:
     """A fresh, empty cache for ``model`` described by ``spec`` (see the module docstring).
 
-    Raises :class:`ConfigError` for an unknown spec and :class:`CacheError` when a baseline's
-    backend is not installed (``pip install 'gear-lab[baselines]'``).
+    ``pre_rope``: a GearCache spec (a config, preset or allocation) quantizes keys before RoPE
+    with the model's own rotary embedding (:class:`gear_lab.rope.ModelRope`, KVQuant); other
+    specs refuse it. Raises :class:`ConfigError` for an unknown spec and :class:`CacheError` when a
+    baseline's backend is not installed (``pip install 'gear-lab[baselines]'``).
     """
+    if isinstance(spec, str) and spec in list_presets():
+        spec = get_preset(spec)
+    if pre_rope and not isinstance(spec, CompressionConfig | LayerAllocation):
+        raise ConfigError(
+            f"pre_rope applies to GearCache specs (a config, preset or allocation), not "
+            f"{method_label(spec)}"
+        )
+    rope = ModelRope(model) if pre_rope else None
     if isinstance(spec, CompressionConfig):
-        return GearCache(spec, model_config=model.config)
+        return GearCache(spec, model_config=model.config, pre_rope=rope)
+    if isinstance(spec, LayerAllocation):
+        return GearCache(
+            spec.configs, model_config=model.config, storage_dtype=spec.storage_dtype, pre_rope=rope
+        )
     if callable(spec):
         cache = spec(model)
         if not isinstance(cache, Cache):
             raise ConfigError(f"cache factory {method_label(spec)} returned {type(cache).__name__}")
         return cache
     if not isinstance(spec, str):
-        raise ConfigError(f"a cache spec is a CompressionConfig or a string, got {spec!r}")
+        raise ConfigError(
+            f"a cache spec is a CompressionConfig, a LayerAllocation or a string, got {spec!r}"
+        )
     if spec == "dynamic":
         return DynamicCache(config=model.config)
     if spec.startswith("quantized:"):
         return _quantized_cache(spec, model)
-    if spec in list_presets():
-        return GearCache(get_preset(spec), model_config=model.config)
     raise ConfigError(
         f"unknown cache spec {spec!r}: a preset ({', '.join(list_presets())}), 'dynamic' or "
         "'quantized:<quanto|hqq>:<bits>[:<group_size>]'"

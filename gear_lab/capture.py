@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from gear_lab.errors import CaptureError, ConfigError
 from gear_lab.models import check_context
+from gear_lab.rope import rotary_function
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each captured layer of each sample."""
@@ -175,14 +175,6 @@ def _hooks(
             handle.remove()
 
 
-def _rotary(attn: nn.Module):
-    """The ``apply_rotary_pos_emb`` of the module that defines ``attn``'s class."""
-    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise CaptureError(f"cannot find apply_rotary_pos_emb for {type(attn).__name__}")
-    return fn
-
-
 def capture_samples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -248,7 +240,8 @@ def capture_samples(
                     if pre_rope_keys:
                         tensors["keys_pre_rope"] = k_pre[0]
                     if with_queries:
-                        tensors["queries"] = _rotary(attn)(seen[i]["q"], k_pre, cos, sin)[0][0]
+                        rotated, _ = rotary_function(attn)(seen[i]["q"], k_pre, cos, sin)
+                        tensors["queries"] = rotated[0]
                 out[i] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             yield CapturedSample(text=text, token_ids=ids.clone(), layers=out)
     finally:

@@ -10,6 +10,7 @@
   ``prefill`` tokens, compress the whole prefill cache, then teacher-force the next
   ``continuation`` tokens through the compressed cache in one forward and score their
   ``continuation`` next-token predictions against a full-precision forward.
+- :func:`layer_sensitivity`: that protocol's KL with one layer compressed at a time.
 
 The compressed cache is named by a *cache spec* (:mod:`gear_lab.cache_specs`): a
 ``CompressionConfig``, a preset name, ``"dynamic"``, a ``"quantized:..."`` baseline or a factory.
@@ -40,6 +41,7 @@ from gear_lab.cache_specs import (
     make_cache,
     method_label,
 )
+from gear_lab.compression import CompressionConfig, get_preset
 from gear_lab.corpus import corpus_ids
 from gear_lab.errors import ConfigError, NothingCompressedWarning
 from gear_lab.metrics import (
@@ -206,7 +208,7 @@ def _teacher_forced_logits(
 def _compresses(cache: Cache) -> bool:
     """Whether ``cache`` is meant to compress (not a full-precision cache, not method "none")."""
     if isinstance(cache, GearCache):
-        return not (cache.config.keys.is_identity and cache.config.values.is_identity)
+        return any(not (c.keys.is_identity and c.values.is_identity) for c in cache.configs)
     return isinstance(cache, QuantizedCache)
 
 
@@ -216,7 +218,7 @@ def warn_if_nothing_compressed(cache: Cache, held: int, full: int, what: str) ->
     if held < full or not _compresses(cache):
         return
     window = (
-        f"block_size = {cache.config.block_size or DEFAULT_BLOCK_SIZE}"
+        f"block_size = {max(c.block_size or DEFAULT_BLOCK_SIZE for c in cache.configs)}"
         if isinstance(cache, GearCache)
         else "residual_length"
     )
@@ -237,6 +239,7 @@ def check_generation(
     config: CacheSpec,
     max_new_tokens: int = 32,
     progress: bool | ProgressFn = True,
+    pre_rope: bool = False,
 ) -> GenerationCheck:
     """Greedy generation of ``prompt`` with a full-precision cache and with ``config``'s cache.
 
@@ -246,7 +249,8 @@ def check_generation(
     The full-precision generation's own step logits are the reference; the compressed cache is
     teacher-forced in a third pass only when its generation diverged (before that, its own
     logits are the teacher-forced ones). ``progress``: a tqdm bar of forward steps (``True``),
-    none (``False``) or a callback ``progress(done, total, phase)``.
+    none (``False``) or a callback ``progress(done, total, phase)``. ``pre_rope``: the
+    compressed cache quantizes keys before RoPE (:func:`make_cache`, KVQuant).
 
     Warns with :class:`gear_lab.errors.NothingCompressedWarning` when the compressed cache held
     as many bytes as full precision (a prompt plus generation shorter than one cache block).
@@ -262,8 +266,9 @@ def check_generation(
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     check_context(model, ids.shape[1] + max_new_tokens, "the prompt plus max_new_tokens")
-    compressed_cache = make_cache(config, model)  # a bad spec fails before generating
-    steps = _Progress(progress, 3 * max_new_tokens, f"check {method_label(config)}")
+    compressed_cache = make_cache(config, model, pre_rope=pre_rope)  # a bad spec fails now
+    label = method_label(config, pre_rope=pre_rope)
+    steps = _Progress(progress, 3 * max_new_tokens, f"check {label}")
     try:
         steps.start("full precision")
         full_cache = make_cache("dynamic", model)
@@ -277,7 +282,8 @@ def check_generation(
             forced = comp_logits
         else:
             steps.start("teacher-forced", steps.done + len(full_ids))
-            forced = _teacher_forced_logits(model, ids, full_ids, make_cache(config, model), steps)
+            forced_cache = make_cache(config, model, pre_rope=pre_rope)
+            forced = _teacher_forced_logits(model, ids, full_ids, forced_cache, steps)
         steps.start("done", steps.done)
     finally:
         steps.close()
@@ -285,7 +291,7 @@ def check_generation(
     warn_if_nothing_compressed(compressed_cache, comp_bytes, full_bytes, "check_generation")
     return GenerationCheck(
         prompt=prompt,
-        method=method_label(config),
+        method=label,
         full_text=tokenizer.decode(full_ids, skip_special_tokens=True),
         compressed_text=tokenizer.decode(comp_ids, skip_special_tokens=True),
         full_ids=full_ids,
@@ -386,6 +392,7 @@ def perplexity_check(
     prefill: int = 512,
     continuation: int = 128,
     progress: bool = True,
+    pre_rope: bool = False,
 ) -> PerplexityCheck:
     """Perplexity, KL(full || compressed) and top-1 agreement of a compressed prefill cache.
 
@@ -396,13 +403,15 @@ def perplexity_check(
     as it arrives: with ``prefill`` a multiple of the block size nothing stays in full
     precision), then the ``continuation`` tokens go through it in one forward. Both score the same ``continuation`` next-token predictions (those made at
     the continuation positions). ``bits_per_entry`` is the cache's measured size right after
-    prefill, in bits per cached K/V entry. Warns with
+    prefill, in bits per cached K/V entry. ``pre_rope``: the compressed cache quantizes keys
+    before RoPE (:func:`make_cache`, KVQuant). Warns with
     :class:`gear_lab.errors.NothingCompressedWarning` when the prefill cache held as many bytes
     as full precision (``prefill`` shorter than one cache block).
     """
     validate_protocol(windows, prefill, continuation)
     check_context(model, prefill + continuation, "prefill + continuation")
-    probe = make_cache(config, model)  # validate the spec before the long run
+    probe = make_cache(config, model, pre_rope=pre_rope)  # validate the spec before the long run
+    label = method_label(config, pre_rope=pre_rope)
     device = next(model.parameters()).device
     entries = model_arch(model).cached_entries(prefill)
     ids = corpus_ids(tokenizer, corpus)
@@ -416,11 +425,12 @@ def perplexity_check(
     held: list[int] = []
     full_held: list[int] = []
     start_time = time.perf_counter()
-    for start in tqdm(starts, desc=f"ppl {method_label(config)}", disable=not progress):
+    for start in tqdm(starts, desc=f"ppl {label}", disable=not progress):
         window = ids[start : start + length].to(device)[None]
         inputs, targets = window[:, :-1], window[0, prefill + 1 :]
         full, full_bytes = _prefill_then_score(model, make_cache("dynamic", model), inputs, prefill)
-        comp, prefill_bytes = _prefill_then_score(model, make_cache(config, model), inputs, prefill)
+        cache = make_cache(config, model, pre_rope=pre_rope)
+        comp, prefill_bytes = _prefill_then_score(model, cache, inputs, prefill)
         bits.append(8 * prefill_bytes / entries)
         held.append(prefill_bytes)
         full_held.append(full_bytes)
@@ -434,7 +444,7 @@ def perplexity_check(
     tail = kl_quantiles(torch.cat(kls))
     delta, delta_ci = delta_perplexity(nll_full, nll_comp)
     return PerplexityCheck(
-        method=method_label(config),
+        method=label,
         corpus=corpus,
         windows=windows,
         prefill=prefill,
@@ -453,3 +463,32 @@ def perplexity_check(
         delta_perplexity_ci=delta_ci,
         scored_tokens=sum(k.numel() for k in kls),
     )
+
+
+def layer_sensitivity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: CompressionConfig,
+    windows: int = 1,
+    prefill: int = 512,
+    continuation: int = 128,
+    progress: bool = True,
+) -> tuple[float, ...]:
+    """Per decoder layer, the mean next-token KL of :func:`perplexity_check` (same protocol) when
+    only that layer's K/V are compressed with ``config``, every other layer in full precision
+    (a ``GearCache`` with one config per layer). :func:`gear_lab.allocation.allocate` calibrates
+    its dump-measured layer errors with it (``calibrate``)."""
+    layers = model_arch(model).num_layers
+    none = get_preset("none")
+    protocol = {"windows": windows, "prefill": prefill, "continuation": continuation}
+    kls = []
+    for layer in tqdm(range(layers), desc="layer sensitivity", disable=not progress):
+        configs = [config if i == layer else none for i in range(layers)]
+
+        def one_layer(m: torch.nn.Module, configs: list[CompressionConfig] = configs) -> Cache:
+            return GearCache(configs, model_config=m.config)
+
+        one_layer.label = f"{config.name} on layer {layer}"
+        check = perplexity_check(model, tokenizer, one_layer, progress=False, **protocol)
+        kls.append(check.kl)
+    return tuple(kls)

@@ -46,3 +46,14 @@ def tensors(draw, max_batch=2, max_heads=3, max_seq=70, max_dim=40, dtypes=DTYPE
         draw(st.sampled_from((1e-3, 1.0, 30.0))),
         draw(st.sampled_from(("gauss", "channels", "blocky"))),
     )
+
+
+def left_padded(k, v, other_k, other_v, pad: int):
+    """A batch of two rows for padding tests: row 0 is ``k`` / ``v`` ``[1, heads, seq, dim]``
+    after ``pad`` garbage positions (1e4, which would wreck any statistic they entered), row 1 is
+    ``other_k`` / ``other_v`` ``[1, heads, pad + seq', dim]``; plus the attention mask of the
+    first ``pad + real`` positions as ``mask(real)``."""
+    garbage = torch.full((*k.shape[:2], pad, k.shape[-1]), 1e4, dtype=k.dtype)
+    keys = torch.cat([torch.cat([garbage, k], dim=-2), other_k])
+    values = torch.cat([torch.cat([garbage, v], dim=-2), other_v])
+    return keys, values, lambda real: torch.tensor([[0] * pad + [1] * real, [1] * (pad + real)])

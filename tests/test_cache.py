@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from compress_helpers import left_padded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, Gemma3TextConfig
@@ -138,11 +139,9 @@ def test_padding_never_enters_a_rows_blocks():
     alone = GearCache("gear", block_size=n_b, bits=2, rank=1)
     out_alone = alone.update(k[..., :real, :], v[..., :real, :], 0)
     other_k, other_v = _states(1, pad + real + steps, seed=2)
-    garbage = torch.full((1, HEADS, pad, DIM), 1e4)
-    bk = torch.cat([torch.cat([garbage, k], dim=-2), other_k])
-    bv = torch.cat([torch.cat([garbage, v], dim=-2), other_v])
+    bk, bv, mask = left_padded(k, v, other_k, other_v, pad)
     batch = GearCache("gear", block_size=n_b, bits=2, rank=1)
-    batch.set_padding(torch.tensor([[0] * pad + [1] * real, [1] * (pad + real)]))
+    batch.set_padding(mask(real))
     out_batch = batch.update(bk[..., : pad + real, :], bv[..., : pad + real, :], 0)
     assert torch.equal(out_batch[0][:1, :, pad:], out_alone[0])
     for t in range(real, real + steps):

@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from gear_lab.cache import GearCache
@@ -163,6 +165,64 @@ def test_compressed_cat_equals_separate_decompression(preset):
     other = compress(torch.randn(1, HEADS, 32, DIM), get_preset("kivi", bits=4).keys, "keys")
     with pytest.raises(TensorError):
         Compressed.cat([compress(torch.randn(1, HEADS, 32, DIM), get_preset("kivi").keys), other])
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_decompress_into_a_split_strided_view_equals_decompress(preset):
+    """Blocks [rows * count, ...] written into a [rows, count, heads, n_b, dim] view of a
+    larger [rows, heads, seq, dim] buffer (as a cache's transient holds them) land exactly where
+    decompress() puts them, touching nothing else; a wrong shape or dtype raises TensorError."""
+    rows, count, size = 3, 4, 32
+    config = get_preset(preset)
+    g = torch.Generator().manual_seed(2)
+    for kind in ("keys", "values"):
+        part = compress(torch.randn(rows * count, HEADS, size, DIM, generator=g), config, kind)
+        buffer = torch.full((rows, HEADS, 5 + count * size + 3, DIM), 7.0)
+        view = buffer[:, :, 5 : 5 + count * size].unflatten(2, (count, size)).transpose(1, 2)
+        assert part.decompress_into(view) is view
+        want = part.decompress().unflatten(0, (rows, count)).transpose(1, 2).flatten(2, 3)
+        assert torch.equal(buffer[:, :, 5:-3], want)
+        assert bool((buffer[:, :, :5] == 7).all()) and bool((buffer[:, :, -3:] == 7).all())
+        with pytest.raises(TensorError):
+            part.decompress_into(view.double())
+        with pytest.raises(TensorError):
+            part.decompress_into(view[:2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    prompt=st.integers(1, 14),
+    steps=st.integers(0, 9),
+    padded=st.booleans(),
+    preset=st.sampled_from(["gear", "kivi", "quant"]),
+)
+def test_memory_true_states_are_the_blocks_where_they_belong(batch, prompt, steps, padded, preset):
+    """Batches of unpadded rows of equal length (the chunk is a grid, written straight into the
+    transient) and left-padded ones (index_copy_): attention sees, at every position, the
+    decompression of the block holding it, the buffer, then the new states."""
+    cache = GearCache(preset, bits=2, block_size=N_B)
+    mask = torch.ones(batch, prompt)
+    if padded and batch > 1:
+        mask[1, : prompt // 2] = 0
+    cache.set_padding(mask)
+    g = torch.Generator().manual_seed(batch * 100 + prompt)
+    k, v = torch.randn(2, batch, HEADS, prompt + steps + 1, DIM, generator=g)
+    cache.update(k[..., :prompt, :], v[..., :prompt, :], 0)
+    for t in range(prompt, prompt + steps):
+        cache.update(k[..., t : t + 1, :], v[..., t : t + 1, :], 0)
+    layer, end = cache.layers[0], prompt + steps
+    want_k, want_v = k[..., : end + 1, :].clone(), v[..., : end + 1, :].clone()
+    for chunk in layer.chunks.values():
+        assert chunk.grid is not None or (padded and batch > 1)  # equal unpadded rows: a grid
+        blocks = zip(chunk.keys.decompress(), chunk.values.decompress(), strict=True)
+        for j, (bk, bv) in enumerate(blocks):
+            i, start = int(chunk.rows[j]), int(chunk.starts[j])
+            want_k[i, :, start : start + N_B], want_v[i, :, start : start + N_B] = bk, bv
+    seen_k, seen_v = cache.update(k[..., end : end + 1, :], v[..., end : end + 1, :], 0)
+    for i, row in enumerate(layer.rows):  # left padding is masked: whatever it holds
+        assert torch.equal(seen_k[i, :, row.first :], want_k[i, :, row.first :])
+        assert torch.equal(seen_v[i, :, row.first :], want_v[i, :, row.first :])
 
 
 # ---------------------------------------------------------------------------- real model

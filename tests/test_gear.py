@@ -36,13 +36,23 @@ def rel_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 def test_sizes_are_measured_from_the_kept_tensors(x, preset, kind, bits, block_size):
     overrides = {"block_size": block_size, "rank": int(preset != "none")}
     if preset not in ("fp8", "none"):
-        overrides["bits"] = bits
+        overrides["bits"] = max(bits, 2) if get_preset(preset).keys.qjl else bits
+    if x.shape[-1] & (x.shape[-1] - 1):  # the Hadamard rotation needs a power-of-two head_dim
+        overrides["rotate"] = False
     c = compress(x, get_preset(preset, **overrides), kind)
     kept = c.tensors()
     assert c.nbytes == sum(t.nbytes for t in kept.values())
     assert c.bits_per_entry == 8 * c.nbytes / x.numel() and c.numel == x.numel()
     assert sum(c.bytes_by_part().values()) == c.nbytes
-    assert set(c.bytes_by_part()) == {"codes", "scales", "outliers", "lowrank", "full_precision"}
+    assert set(c.bytes_by_part()) == {
+        "codes",
+        "scales",
+        "codebook",
+        "outliers",
+        "lowrank",
+        "sketch",
+        "full_precision",
+    }
     x_hat = c.decompress()
     assert (x_hat.shape, x_hat.dtype, x_hat.device) == (x.shape, x.dtype, x.device)
     assert c.shape == x.shape and c.dtype == x.dtype
@@ -110,7 +120,10 @@ def test_short_sequences(preset, seq):
 def test_all_zero_and_constant_tensors(preset, fill):
     x = torch.full((1, 2, 70, 16), fill, dtype=torch.float16)
     x_hat = compress(x, get_preset(preset, rank=int(preset != "none"))).decompress()
-    assert torch.equal(x_hat, x)
+    if fill and get_preset(preset).keys.codebook == "sphere":  # no zero point: only 0 is exact
+        assert rel_error(x, x_hat) < 0.2
+    else:
+        assert torch.equal(x_hat, x)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

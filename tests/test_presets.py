@@ -23,7 +23,19 @@ from gear_lab.compression import (
 from gear_lab.errors import ConfigError
 from gear_lab.sweeps import parse_grid
 
-PRESETS = ["gear", "gear-l", "gear-kcvt", "kcvt", "kivi", "outlier-quant", "quant", "fp8", "none"]
+PRESETS = [
+    "gear",
+    "gear-l",
+    "gear-kcvt",
+    "kcvt",
+    "kivi",
+    "outlier-quant",
+    "quant",
+    "turboquant",
+    "nuq",
+    "fp8",
+    "none",
+]
 
 tensor_configs = st.builds(
     TensorCompression,

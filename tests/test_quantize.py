@@ -126,6 +126,9 @@ def test_pack_unpack_identity(bits, n, seed):
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8) * bits
     assert torch.equal(unpack_codes(packed, bits, n), codes)
+    for dtype in (torch.float32, torch.float16, torch.float64, torch.int32):  # codes as numbers
+        as_numbers = unpack_codes(packed, bits, n, dtype)
+        assert as_numbers.dtype == dtype and torch.equal(as_numbers, codes.to(dtype))
     # dense little-endian layout: code i of each 8 starts at bit bits * i
     first = codes[:8].tolist()
     word = int.from_bytes(bytes(packed[:bits].tolist()), "little")

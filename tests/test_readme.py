@@ -53,7 +53,7 @@ def test_readme_command_lines_parse() -> None:
 
     commands = _commands()
     used = {words[1] for words in commands if words[0] == "gear-lab"}
-    assert used == {"models", "info", "eval", "sweep", "check", "ppl", "needle", "app"}
+    assert used == {"models", "info", "eval", "sweep", "check", "ppl", "allocate", "needle", "app"}
     for words in commands:
         parser = build_capture_parser() if words[0] == "gear-capture" else build_parser()
         args = parser.parse_args(words[1:])  # SystemExit (a failure) on an unknown option

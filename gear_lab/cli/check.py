@@ -2,7 +2,8 @@
 
 Prints both greedy continuations, their token agreement and first divergence, the teacher-forced
 KL and top-1 agreement, cache bytes and tokens per second (:func:`gear_lab.check_generation`).
-The model / device / ``--baseline`` flags defined here are shared with ``gear-lab ppl``.
+The model / device / ``--baseline`` / ``--allocation`` flags defined here are shared with
+``gear-lab ppl``.
 """
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+from typing import TYPE_CHECKING
 
 from gear_lab.cli._method_args import add_method_args, config_from_args
 from gear_lab.compression import CompressionConfig
 from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import ConfigError
 
+if TYPE_CHECKING:
+    from gear_lab.cache_specs import CacheSpec
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, the method flags and ``--baseline``."""
+    """``--model``, ``--device``, the method flags, ``--baseline`` and ``--allocation``."""
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model name or path (default: {DEFAULT_MODEL})"
     )
@@ -34,17 +39,46 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
             "(needs the baselines extra)"
         ),
     )
+    parser.add_argument(
+        "--allocation",
+        metavar="FILE",
+        help="instead of --method, a per-layer allocation written by gear-lab allocate",
+    )
+    parser.add_argument(
+        "--pre-rope",
+        action="store_true",
+        help="quantize keys before RoPE, rotating them back at attention time (KVQuant)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def cache_spec_from_args(args: argparse.Namespace) -> CompressionConfig | str:
-    """The cache spec of :func:`gear_lab.cache_specs.make_cache`: a config, or a baseline string."""
+def cache_spec_from_args(args: argparse.Namespace) -> CacheSpec:
+    """The cache spec of :func:`gear_lab.cache_specs.make_cache`: a config, a per-layer
+    allocation, or a baseline string."""
+    from gear_lab.allocation import load_allocation
     from gear_lab.cache_specs import parse_quantized_spec
+    from gear_lab.compression import get_preset
 
+    if args.allocation is not None:
+        method_given = args.method != "gear" or config_from_args(args) != get_preset("gear")
+        if args.baseline is not None or method_given:
+            raise ConfigError(
+                "--allocation sets every layer's method: drop --method, --baseline and the "
+                "compression flags"
+            )
+        allocation = load_allocation(args.allocation)
+        if allocation.model != args.model:
+            raise ConfigError(
+                f"{args.allocation} was measured on {allocation.model}, not {args.model}: pass "
+                f"--model {allocation.model}"
+            )
+        return allocation
     if args.baseline is None:
         return config_from_args(args)
     spec = f"quantized:{args.baseline}"
     parse_quantized_spec(spec)  # bad input fails before the model loads
+    if args.pre_rope:
+        raise ConfigError("--pre-rope applies to GearCache methods, not to --baseline")
     return spec
 
 
@@ -85,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # said below, in the CLI's words
         warnings.simplefilter("always", NothingCompressedWarning)
         # a bar of forward steps on stderr: 3 passes of --max-new-tokens at most
-        check = check_generation(model, tokenizer, args.prompt, spec, args.max_new_tokens)
+        check = check_generation(
+            model, tokenizer, args.prompt, spec, args.max_new_tokens, pre_rope=args.pre_rope
+        )
     nothing = False
     for w in caught:
         if issubclass(w.category, NothingCompressedWarning):

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="perplexity / KL / top-1 of a compressed prefill cache vs full precision",
         description=(
             "Prefill PREFILL tokens of each pydoc window, compress the whole prefill cache "
-            "(GearCache of --method, or a --baseline), teacher-force the next CONTINUATION "
+            "(GearCache of --method or of a per-layer --allocation, or a --baseline), "
+            "teacher-force the next CONTINUATION "
             "tokens through it and compare with full precision."
         ),
     )
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         windows=args.windows,
         prefill=args.prefill,
         continuation=args.continuation,
+        pre_rope=args.pre_rope,
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -24,6 +24,7 @@ LOWRANK_METHODS = ("power", "svd")
 FP8_FORMATS = ("e4m3", "e5m2")
 FP8_SCALES = ("group", "tensor")
 FACTOR_DTYPES = ("float16", "bfloat16", "float8_e4m3")
+CODEBOOKS = ("gaussian", "sphere", "fitted", "fitted-head")
 CUSTOM = "custom"  # the name of a config built by hand
 
 
@@ -54,6 +55,17 @@ class TensorCompression:
         rank is the identity. ``factor_dtype`` is how the kept ``L`` factors are stored
         (``float8_e4m3`` with a float16 scale per rank component); the fit itself runs in the
         compute dtype.
+
+    ``codebook`` replaces the uniform levels of ``D`` by a Lloyd-Max codebook
+    (:mod:`gear_lab.compression.codebook`): ``"gaussian"`` (N(0, 1) levels after per-group
+    mean/std normalization, for rotated inputs), ``"sphere"`` (TurboQuant's levels for a
+    coordinate of a random unit vector, after per-group L2 normalization), ``"fitted"`` (k-means
+    levels per channel for ``axis="channel"``, per token for ``axis="token"``) or
+    ``"fitted-head"`` (one k-means codebook per ``[seq, head_dim]`` matrix). Fitted codebooks
+    are calibrated on the tensor being compressed (a live cache: its prompt and blocks; a
+    dump: that dump's tensor) and stored. ``qjl`` gives the last of ``bits`` to a 1-bit QJL
+    sketch of each token's residual (:mod:`gear_lab.compression.qjl`; TurboQuant, Zandieh et
+    al. 2025): ``D`` uses ``bits - 1`` bits.
     """
 
     bits: int | None = 4
@@ -70,6 +82,8 @@ class TensorCompression:
     fp8: str | None = None
     fp8_scale: str = "group"
     factor_dtype: str = "float16"
+    codebook: str | None = None
+    qjl: bool = False
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -99,6 +113,13 @@ class TensorCompression:
             raise ConfigError("fp8 and bits exclude each other: set bits=None for an fp8 method")
         if self.rotate and self.bits is None and self.fp8 is None:
             raise ConfigError("rotate needs a quantizer (bits or fp8) to act on")
+        _check_choice("codebook", self.codebook, (None, *CODEBOOKS))
+        if self.codebook is not None and self.bits is None:
+            raise ConfigError("codebook needs bits (a codebook of 2**bits levels), not fp8")
+        if not isinstance(self.qjl, bool):
+            raise ConfigError(f"qjl must be true or false, got {self.qjl!r}")
+        if self.qjl and (self.bits is None or self.bits < 2):
+            raise ConfigError("qjl needs bits >= 2: one of them goes to the sign sketch")
 
     @property
     def is_identity(self) -> bool:
@@ -132,6 +153,9 @@ class CompressionConfig:
     ``block_size`` (n_b): compress each block of n_b tokens once, with its own low rank; a
     trailing partial block stays full precision. ``prefill_rank``: the rank a cache uses on
     the prompt (see :meth:`for_kind`); ``None`` means the same rank as the decode blocks.
+    ``sinks``: the first ``sinks`` tokens of a sequence are kept as they are, never compressed
+    (attention sinks: StreamingLLM, Xiao et al. 2024; KVQuant, Hooper et al. 2024, keeps them in
+    fp16); blocks of ``block_size`` start after them.
     ``preset``: the preset the settings start from (``None``: built by hand); ``name``: the
     display label (:func:`gear_lab.compression.presets.config_label` for a preset's config).
     """
@@ -144,6 +168,7 @@ class CompressionConfig:
     prefill_rank: int | None = None
     name: str = CUSTOM
     preset: str | None = None
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         for kind in ("keys", "values"):
@@ -153,6 +178,7 @@ class CompressionConfig:
             _check_int("block_size", self.block_size, 1)
         if self.prefill_rank is not None:
             _check_int("prefill_rank", self.prefill_rank, 0)
+        _check_int("sinks", self.sinks, 0)
         if not isinstance(self.name, str):
             raise ConfigError(f"name must be a string, got {self.name!r}")
         if self.preset is not None and not isinstance(self.preset, str):
@@ -228,6 +254,8 @@ TENSOR_SETTINGS: tuple[Setting, ...] = (
     Setting("rank", int, "low-rank correction rank per [seq, head_dim] matrix", span=(0, 32, 1)),
     Setting("loops", int, "power-iteration loops", span=(1, 10, 1)),
     Setting("rotate", bool, "Hadamard rotation of head_dim before quantization"),
+    Setting("codebook", str, "Lloyd-Max codebook instead of uniform levels", choices=CODEBOOKS,
+            optional=True, none_means="uniform levels"),
     Setting("axis", str, "quantization grouping axis", choices=AXES, more=True),
     Setting("outlier_mode", str, "outliers by sign or by magnitude", choices=OUTLIER_MODES,
             more=True),
@@ -239,6 +267,7 @@ TENSOR_SETTINGS: tuple[Setting, ...] = (
             none_means="no fp8", more=True),
     Setting("fp8_scale", str, "fp8 scale per group or per [seq, head_dim] matrix",
             choices=FP8_SCALES, more=True),
+    Setting("qjl", bool, "1-bit QJL sketch of the residual, taking one of bits", more=True),
     Setting("factor_dtype", str, "storage dtype of the kept low-rank factors",
             choices=FACTOR_DTYPES, more=True),
 )  # fmt: skip
@@ -251,6 +280,8 @@ CONFIG_SETTINGS: tuple[Setting, ...] = (
             steps=(16, 32, 64, 128, 256)),
     Setting("prefill_rank", int, "rank a cache uses for the prompt", optional=True,
             none_means="same as rank", steps=(0, 1, 2, 4, 8, 16, 32), more=True),
+    Setting("sinks", int, "first tokens kept in full precision (attention sinks)",
+            steps=(0, 1, 4, 16, 64)),
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gear_lab.compression.quantize import group_dim
+from gear_lab.compression.quantize import group_dim, leading_like
 
 
 def outlier_count(fraction: float, length: int) -> int:
@@ -47,8 +47,11 @@ class Outliers:
         return mask.scatter_(group_dim(self.axis), self.indices.long(), True)
 
     def scatter_into(self, y: Tensor) -> Tensor:
-        """``y`` (``[..., seq, head_dim]``) with the outliers written in place."""
-        return y.scatter_(group_dim(self.axis), self.indices.long(), self.values.to(y.dtype))
+        """``y`` (``[..., seq, head_dim]``, or with the leading dim split as
+        :func:`~gear_lab.compression.quantize.leading_like` reads it) with the outliers written
+        in place."""
+        index, values = (leading_like(t, y) for t in (self.indices.long(), self.values))
+        return y.scatter_(group_dim(self.axis), index, values.to(y.dtype))
 
     def clear(self, y: Tensor) -> Tensor:
         """``y`` (``[..., seq, head_dim]``) with zeros written in place at the outliers."""

@@ -1,4 +1,5 @@
-"""The registry of named presets: GEAR (Kang et al. 2024) and its neighbours KIVI, KCVT, FP8.
+"""The registry of named presets: GEAR (Kang et al. 2024) and its neighbours KIVI, KCVT,
+TurboQuant, KVQuant-style non-uniform quantization, FP8.
 
 :func:`get_preset` gives a preset with overrides applied, :func:`with_overrides` applies
 overrides to any config, and :func:`config_label` is the one display label of a config: its
@@ -28,6 +29,9 @@ def _kv(**common: Any) -> tuple[TensorCompression, TensorCompression]:
 
 # GEAR's defaults: 4 bits, G = 64, s = 2 %, r = 4 (Kang et al. 2024, section 4).
 _GEAR = {"bits": 4, "group_size": 64, "outliers": 0.02, "rank": 4}
+# TurboQuant (Zandieh et al. 2025): per token, rotation, Lloyd-Max levels of a unit vector's
+# coordinate; keys give one of their bits to a QJL sketch (inner products), values do not.
+_TURBO = {"bits": 4, "axis": "token", "group_size": None, "rotate": True, "codebook": "sphere"}
 
 # name -> (one-line description, settings)
 _REGISTRY: dict[str, tuple[str, CompressionConfig]] = {
@@ -57,6 +61,15 @@ _REGISTRY: dict[str, tuple[str, CompressionConfig]] = {
         CompressionConfig(*_kv(**{**_GEAR, "rank": 0})),
     ),
     "quant": ("plain grouped quantization", CompressionConfig(*_kv(bits=4, group_size=64))),
+    "turboquant": (
+        "TurboQuant: rotation + Lloyd-Max per token, keys with a 1-bit QJL residual sketch",
+        CompressionConfig(TensorCompression(**_TURBO, qjl=True), TensorCompression(**_TURBO)),
+    ),
+    # KVQuant's non-uniform datatype (Hooper et al. 2024), fitted per head on the tensor itself
+    "nuq": (
+        "non-uniform quantization: a k-means codebook per head, keys per channel",
+        CompressionConfig(*_kv(bits=4, group_size=None, codebook="fitted-head")),
+    ),
     "fp8": (
         "fp8 round trip with a scale per group",
         CompressionConfig(*_kv(bits=None, fp8="e4m3", group_size=64)),
@@ -71,7 +84,7 @@ _PRESETS = {
 }
 
 _TENSOR_FIELDS = tuple(f.name for f in fields(TensorCompression))
-_CONFIG_FIELDS = ("block_size", "prefill_rank", "name")
+_CONFIG_FIELDS = ("block_size", "prefill_rank", "sinks", "name")
 
 
 def list_presets() -> list[str]:
@@ -126,7 +139,7 @@ def with_overrides(config: CompressionConfig, /, **overrides: Any) -> Compressio
     An override is a :class:`TensorCompression` field (``bits``, ``group_size``, ``rank``,
     ``outliers``, ``loops``, ``rotate``, ``lowrank``, ``seed``, ``fp8``, ``factor_dtype``, ...)
     applied to keys and values, its ``key_*`` / ``value_*`` variant applied to one of them (after
-    the shared ones), or ``block_size`` / ``prefill_rank`` / ``name``. Values are taken literally
+    the shared ones), or ``block_size`` / ``prefill_rank`` / ``sinks`` / ``name``. Values are taken literally
     (``group_size=None`` means the whole axis). The name follows the new settings
     (:func:`config_label`) unless ``name`` is given or the config's name was chosen by hand.
     """

@@ -9,6 +9,7 @@ whole axis (KCVT). A last group shorter than ``group_size`` is quantized on its 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ def from_groups(grouped: Tensor, axis: str, n: int) -> Tensor:
     """Inverse of :func:`to_groups`: merge the group dimensions, drop the padding."""
     dim = group_dim(axis)
     return grouped.flatten(dim - 1, dim).narrow(dim, 0, n)
+
+
+def _affine(codes: Tensor, scale: Tensor, zero: Tensor, out: Tensor) -> Tensor:
+    """``out = codes * scale + zero`` (grouped views; ``out`` may be ``codes``), rounded after
+    the product and after the sum (not one fused multiply-add): the one reconstruction formula
+    of :meth:`Quantized.dequantize` and :func:`quantize_reconstruct`."""
+    return torch.mul(codes, scale, out=out).add_(zero)
 
 
 def group_range(grouped: Tensor, axis: str, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -109,21 +117,35 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1).contiguous()
 
 
-def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: the first ``numel`` codes as a 1-D uint8 tensor.
+# a dtype of each width, to read a byte's codes as one element
+_WIDE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 
-    Widths that divide 8 (1, 2, 4 bits) never cross a byte: every little-endian 32-bit word
-    (a byte where the length is not a multiple of 4) is shifted once per code it holds, one
-    vectorised op; other widths undo the three shift-and-mask steps."""
+
+@functools.cache
+def _code_table(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The codes each byte holds (``bits`` dividing 8), as ``dtype``: ``[256]`` elements of a
+    dtype as wide as the ``8 // bits`` codes (a 1-D gather is several times faster than one of
+    rows), else ``[256, 8 // bits]``."""
+    shifts = torch.arange(0, 8, bits)
+    table = ((torch.arange(256)[:, None] >> shifts) & ((1 << bits) - 1)).to(device, dtype)
+    wide = _WIDE.get(table.shape[1] * table.element_size())
+    return table if wide is None else table.view(wide).view(-1)
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as a 1-D tensor of ``dtype``
+    (uint8 by default; a float dtype gives them as numbers without an integer pass).
+
+    Widths that divide 8 (1, 2, 4 bits) never cross a byte: every byte is looked up in a table
+    of the ``8 // bits`` codes it holds (one gather); other widths undo the three
+    shift-and-mask steps."""
     if bits == 8:
-        return packed[:numel]
+        return packed[:numel].to(dtype)
     if 8 % bits == 0:
-        words = packed.contiguous()
-        words = words.view(torch.int32) if words.numel() % 4 == 0 else words
-        width = 8 * words.element_size()
-        shifts = torch.arange(0, width, bits, dtype=words.dtype, device=packed.device)
-        codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(-1)[:numel].to(torch.uint8)
+        per_byte = 8 // bits
+        used = packed[: -(-numel // per_byte)].to(torch.int32)
+        codes = _code_table(bits, dtype, packed.device).index_select(0, used)
+        return codes.view(dtype).view(-1)[:numel]
     rows = packed.view(-1, bits)
     words = torch.zeros(rows.shape[0], 8, dtype=torch.uint8, device=packed.device)
     words[:, :bits] = rows
@@ -132,7 +154,13 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
         k = bits * width // 16
         low = _lanes(width, k)
         words = (words & low) | ((words & (low << k)) << (width // 2 - k))
-    return words.view(torch.uint8).reshape(-1)[:numel]
+    return words.view(torch.uint8).reshape(-1)[:numel].to(dtype)
+
+
+def leading_like(t: Tensor, out: Tensor) -> Tensor:
+    """``t`` ``[n, ...]`` viewed with ``out``'s leading dims, where ``out`` has ``t``'s shape
+    but for ``n`` split into several (``[rows, blocks, ...]`` for ``[rows * blocks, ...]``)."""
+    return t.unflatten(0, out.shape[: out.dim() - t.dim() + 1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,12 +175,25 @@ class Quantized:
     group_size: int | None
     shape: torch.Size
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The reconstruction ``[..., seq, head_dim]`` in ``dtype``."""
-        codes = unpack_codes(self.codes, self.bits, math.prod(self.shape)).view(self.shape)
-        grouped = to_groups(codes.to(dtype), self.axis, self.group_size)
-        values = grouped.mul_(self.scale.to(dtype)).add_(self.zero.to(dtype))
-        return from_groups(values, self.axis, self.shape[group_dim(self.axis)])
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+        """The reconstruction ``[..., seq, head_dim]`` in ``dtype``, written into ``out`` when
+        given (``dtype``; this shape, or with the leading dim split as :func:`leading_like`
+        reads it; any strides, e.g. a view of a cache's buffer)."""
+        codes = unpack_codes(self.codes, self.bits, math.prod(self.shape), dtype)
+        kept = (codes.view(self.shape), self.scale.to(dtype), self.zero.to(dtype))
+        if out is not None:  # scale and zero have a group dim more: split explicitly
+            split = out.shape[: out.dim() - len(self.shape) + 1]
+            kept = tuple(t.unflatten(0, split) for t in kept)
+        codes, scale, zero = kept
+        dim = group_dim(self.axis)
+        n = self.shape[dim]
+        grouped = to_groups(codes, self.axis, self.group_size)
+        if out is None or grouped.shape[dim] * grouped.shape[dim - 1] != n:
+            # a new tensor, or a short last group padded: reconstruct, then copy
+            values = from_groups(_affine(grouped, scale, zero, grouped), self.axis, n)
+            return values if out is None else out.copy_(values)
+        _affine(grouped, scale, zero, to_groups(out, self.axis, self.group_size))
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         """What is stored: ``codes`` (packed uint8), ``scale``, ``zero`` (float16)."""
@@ -229,5 +270,5 @@ def quantize_reconstruct(
     made from the codes at hand instead of unpacking them again."""
     q, codes = _quantize(x, bits, axis, group_size, exclude)
     work = codes.dtype
-    values = codes.mul_(q.scale.to(work)).add_(q.zero.to(work))
+    values = _affine(codes, q.scale.to(work), q.zero.to(work), codes)
     return q, from_groups(values, axis, x.shape[group_dim(axis)])
