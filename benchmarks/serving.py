@@ -1,47 +1,40 @@
 """GEAR's memory and throughput experiment (Kang et al., 2024, section 4.4), scaled to this machine.
 
 Workload (the paper's shape): a prompt of ``--prompt-tokens`` tokens of the corpus, repeated
-across the batch, then greedy decoding to ``prompt + --new-tokens`` tokens. The prompt is
-prefilled in chunks of ``--chunk`` tokens, so the attention transients of a whole-prompt prefill
-do not hide the cache in the peak. Every (cache, batch) runs in its own process, which reports:
-
-- ``peak_mib``: the process's peak RSS during prefill and decoding minus its RSS after loading the
-  model and one warm-up forward (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``; glibc's
-  mmap threshold fixed at 64 KiB so freed temporaries leave the RSS); on CUDA
-  ``torch.cuda.max_memory_allocated`` minus the memory held after loading;
-- ``held_mib``: the bytes the cache says it holds at the end (``resident_nbytes`` where a cache
-  has it: compressed blocks, buffers and any workspace; every tensor it keeps otherwise);
-- ``tok_s``: decode tokens per second over the whole batch (prefill excluded).
+across the batch, then greedy decoding to ``prompt + --new-tokens`` tokens, prefilled in chunks of
+``--chunk`` tokens. Every (cache, batch) runs in its own process (:func:`gear_lab.serving.probe`,
+whose docstring says what is measured: ``peak`` RSS above the loaded model, ``held`` resident
+cache bytes, decode ``tok/s``); ``GEAR_LAB_THREADS=1`` limits each process to one torch thread.
 
 Two studies, ratios against ``DynamicCache`` measured in the same run:
 
 (a) ``--study batch``: every cache at ``--batch``;
 (b) ``--study budget``: for each budget in ``--budgets-mib``, the largest batch each cache fits
     (searched by measurement: batches are doubled, then bisected, each probe its own process) and
-    its total tokens/s.
+    its total tokens/s;
+(c) ``--study speed``: decode tokens/s alone at ``--batch``, every cache in this process with
+    their steps interleaved (:func:`gear_lab.serving.interleaved_speed`), so load from other
+    jobs on a shared machine falls on all alike.
 
     python benchmarks/serving.py --study batch [--model smollm2-135m] [--batch 8]
     python benchmarks/serving.py --study budget --budgets-mib 256,512,1024 [--plot serving.html]
+    python benchmarks/serving.py --study speed --batch 1 --caches "DynamicCache,GEAR 2-bit"
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import json
 import os
-import resource
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from gear_lab.constants import DEFAULT_MODEL
+from gear_lab.errors import GearLabError
+from gear_lab.serving import Probe, Workload, interleaved_speed, probe
 
 CACHES = {
     "DynamicCache": "dynamic",
@@ -53,123 +46,19 @@ CACHES = {
 }
 
 
-@dataclass
-class Probe:
-    """What one process measured for one cache at one batch size."""
-
-    cache: str
-    batch: int
-    peak_mib: float
-    held_mib: float
-    tok_s: float
-    device: str
-    model_mib: float = 0.0  # memory after loading the model (RSS; CUDA: allocated)
-
-
-# ------------------------------------------------------------------------------------- worker
-
-
-def _rss_kib(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), else ``ru_maxrss``."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def build_cache(spec: str, model: torch.nn.Module):
-    """``"preset:key=value,..."`` -> a GearCache of that preset (integer overrides, and
-    ``workspace=1`` for the workspace mode); other specs via make_cache. The workload's rows are
-    unpadded copies of one prompt, which a GearCache is told (``set_padding(None)``)."""
-    from gear_lab.cache import GearCache
-    from gear_lab.cache_specs import make_cache
-
-    name, _, options = spec.partition(":")
-    if name in {"dynamic", "quantized"} or not options:
-        cache = make_cache(spec, model)
-    else:
-        overrides = {k: int(v) for k, v in (kv.split("=") for kv in options.split(","))}
-        cache = GearCache(name, model_config=model.config, **overrides)
-    if isinstance(cache, GearCache):
-        cache.set_padding(None)
-    return cache
-
-
-@torch.inference_mode()
-def worker(spec: str, model_name: str, batch: int, prompt: int, new: int, chunk: int, device: str):
-    """Measure one (cache, batch) in this process and return a :class:`Probe`."""
-    from gear_lab import load_model
-    from gear_lab.cache import cache_kwarg
-    from gear_lab.cache_specs import cache_resident_nbytes
-    from gear_lab.corpus import corpus_ids
-
-    torch.manual_seed(0)
-    model, tokenizer = load_model(model_name, device=device)
-    ids = corpus_ids(tokenizer)[:prompt].to(model.device).expand(batch, -1).contiguous()
-    key = cache_kwarg(model)
-    # warm-up: the first forward faults the memory-mapped weights in; the base excludes them
-    model(input_ids=ids[:1, :8], **{key: build_cache("dynamic", model)})
-    gc.collect()
-    cuda = model.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    base_kib = _rss_kib("VmRSS")
-    _reset_peak()
-    cache = build_cache(spec, model)
-    for start in range(0, prompt, chunk):
-        logits = model(input_ids=ids[:, start : start + chunk], logits_to_keep=1, **{key: cache})
-    token = logits.logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
-    for _ in range(new):
-        token = model(input_ids=token, **{key: cache}).logits[:, -1:].argmax(-1)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (_rss_kib("VmHWM") - base_kib) / 2**10
-    return Probe(
-        spec,
-        batch,
-        peak,
-        cache_resident_nbytes(cache) / 2**20,
-        batch * new / seconds,
-        model.device.type,
-        (base if cuda else base_kib * 2**10) / 2**20,
-    )
-
-
 def run_probe(spec: str, batch: int, args: argparse.Namespace) -> Probe:
-    """One (cache, batch) measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--worker", spec, "--batch", str(batch)]
-    for name in ("model", "prompt_tokens", "new_tokens", "chunk", "device"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    # a fixed mmap threshold: glibc returns freed large temporaries to the OS, so the peak RSS
-    # measures live memory rather than what the allocator kept after a transient was freed
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"serving: {spec} at batch {batch} failed: {last}")
-    probe = Probe(**json.loads(out.stdout.strip().splitlines()[-1]))
+    """One (cache, batch) measured in a fresh process (:func:`gear_lab.serving.probe`)."""
+    workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    try:
+        result = probe(spec, batch, workload)
+    except GearLabError as err:
+        raise SystemExit(f"serving: {err}") from None
     print(
-        f"  {spec:24} batch {batch:3}: peak {probe.peak_mib:8.1f} MiB, held "
-        f"{probe.held_mib:7.1f} MiB, {probe.tok_s:6.1f} tok/s",
+        f"  {spec:24} batch {batch:3}: peak {result.peak_mib:8.1f} MiB, held "
+        f"{result.held_mib:7.1f} MiB, {result.tok_s:6.1f} tok/s",
         file=sys.stderr,
     )
-    return probe
+    return result
 
 
 # ------------------------------------------------------------------------------------- search
@@ -266,6 +155,22 @@ def study_budget(args: argparse.Namespace, caches: dict[str, str]) -> list[dict]
     return rows
 
 
+def study_speed(args: argparse.Namespace, caches: dict[str, str]) -> None:
+    workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    threads = os.environ.get("GEAR_LAB_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    speed = interleaved_speed(list(caches.values()), args.batch, workload)
+    ref = speed.get(caches.get("DynamicCache", ""), float("nan"))
+    print(
+        f"\n(c) decode speed at batch {args.batch}: {args.model}, prompt {args.prompt_tokens} + "
+        f"{args.new_tokens} new tokens, every cache in one process, steps interleaved, median step"
+    )
+    print(f"{'cache':28} {'tok/s':>7} {'x speed':>8}")
+    for label, spec in caches.items():
+        print(f"{label:28} {speed[spec]:7.1f} {speed[spec] / ref:8.2f}")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Tokens/s against budget, one line per cache (plotly HTML)."""
     import plotly.graph_objects as go
@@ -291,7 +196,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", choices=("batch", "budget"), default="batch")
+    parser.add_argument("--study", choices=("batch", "budget", "speed"), default="batch")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=500)
@@ -302,24 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caches", default=",".join(CACHES), help="labels to run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", type=Path, help="HTML file for the budget study's curve")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("prompt_tokens", "new_tokens", "chunk", "batch", "max_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.worker:
-        torch.set_num_threads(int(os.environ.get("GEAR_LAB_THREADS", torch.get_num_threads())))
-        probe = worker(
-            args.worker,
-            args.model,
-            args.batch,
-            args.prompt_tokens,
-            args.new_tokens,
-            args.chunk,
-            args.device,
-        )
-        print(json.dumps(asdict(probe)))
-        return 0
     labels = [c.strip() for c in args.caches.split(",")]
     unknown = [c for c in labels if c not in CACHES]
     if unknown:
@@ -327,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     caches = {label: CACHES[label] for label in labels}
     if args.study == "batch":
         study_batch(args, caches)
+    elif args.study == "speed":
+        study_speed(args, caches)
     else:
         rows = study_budget(args, caches)
         if args.plot:

@@ -33,10 +33,12 @@ __all__ = [
     "fig_error_lines",
     "fig_generation_steps",
     "fig_heatmaps",
+    "fig_kl_distribution",
     "fig_layer_map",
     "fig_magnitude_histogram",
     "fig_outlier_positions",
     "fig_pareto",
+    "fig_peak_memory",
     "fig_profile",
     "fig_retrieval_heatmaps",
     "fig_spectrum",
@@ -477,6 +479,69 @@ def fig_generation_steps(
     _style_traces(fig)
     fig.update_layout(title=title, height=440, margin=_MARGIN)
     return fig
+
+
+def fig_kl_distribution(
+    kl: Any, stats: Mapping[str, float], *, title: str = "KL distribution over steps"
+) -> go.Figure:
+    """Histogram of per-token KL(full || compressed) ``[n]`` on log-spaced bins, with the
+    statistics of :func:`gear_lab.metrics.kl_quantiles` (``stats``: mean, median, p99, p99.9)
+    marked, the tail llama.cpp's perplexity tool reports. KL of exactly 0 (same distribution to
+    float precision) is counted in the first bin."""
+    kl = _np(kl).ravel().astype(np.float64)
+    if kl.size == 0:
+        raise TensorError("fig_kl_distribution needs at least one KL value")
+    positive = kl[kl > 0]
+    low = positive.min() if positive.size else 1e-12
+    high = max(kl.max(), low * 10)
+    edges = np.logspace(np.log10(low), np.log10(high), min(40, max(kl.size // 2, 5)) + 1)
+    edges[0], edges[-1] = low, high  # exact ends: 10 ** log10(x) may round past x
+    counts, _ = np.histogram(np.clip(kl, low, high), bins=edges)
+    fig = go.Figure(
+        go.Bar(
+            x=np.sqrt(edges[:-1] * edges[1:]),
+            y=counts,
+            width=np.diff(edges),
+            name="steps",
+            hovertemplate="KL %{x:.2g}: %{y} steps<extra></extra>",
+        )
+    )
+    names = {"kl_mean": "mean", "kl_median": "median", "kl_p99": "p99", "kl_p999": "p99.9"}
+    for i, (key, name) in enumerate(names.items()):
+        if key in stats and stats[key] > 0:
+            fig.add_vline(
+                x=stats[key],
+                line_dash=DASHES[i % len(DASHES)],
+                line_color=COLORS[(i + 1) % len(COLORS)],
+                annotation_text=f"{name} {stats[key]:.2g}",
+                annotation_position="top" if i % 2 else "bottom",
+            )
+    fig.update_xaxes(type="log", title_text="KL (nats)")
+    fig.update_yaxes(title_text="steps")
+    fig.update_layout(title=title, height=340, margin=_MARGIN, showlegend=False)
+    return fig
+
+
+def fig_peak_memory(
+    probes: Sequence[Mapping[str, Any]], *, title: str = "peak memory at equal batch"
+) -> go.Figure:
+    """Grouped bars per cache: ``peak_mib`` (the process's peak memory above the loaded model)
+    and ``held_mib`` (the bytes the cache keeps allocated at the end), one mapping per cache
+    with its ``cache`` label, as :class:`gear_lab.serving.Probe` reports them."""
+    if not probes:
+        raise ConfigError("fig_peak_memory needs at least one probe")
+    labels = [str(p["cache"]) for p in probes]
+    fig = go.Figure()
+    for key, name in (("peak_mib", "peak above the model"), ("held_mib", "held by the cache")):
+        values = [float(p[key]) for p in probes]
+        fig.add_bar(
+            x=labels,
+            y=values,
+            name=name,
+            text=[f"{v:.1f}" for v in values],
+            hovertemplate="%{x}: %{y:.1f} MiB<extra>" + name + "</extra>",
+        )
+    return _axes_layout(fig, title, "cache", "MiB", height=360, barmode="group")
 
 
 def _length_label(tokens: int) -> str:

@@ -4,6 +4,7 @@ a user can cause show as one line (never an exception). Also ``gear-lab app``'s 
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -213,11 +214,48 @@ def test_live_generation_matches_check_generation(app, smol) -> None:
     assert float(shown(at, "mean KL per step")[0]) == pytest.approx(ref.mean_kl, rel=1e-3, abs=1e-6)
     expected = "none" if ref.first_divergence is None else f"token {ref.first_divergence}"
     assert shown(at, "first divergence") == [expected]
-    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("plotly_chart")) == 2  # per-step agreement and the KL distribution
+    stats = ref.kl_statistics()
+    assert float(shown(at, "KL p99")[0]) == pytest.approx(stats["kl_p99"], rel=1e-3, abs=1e-6)
+    assert shown(at, "scored steps") == [str(len(ref.kl))]
     from gear_lab.units import format_bytes
 
     # one byte format: "10.2 MiB", never "10440.0 KiB"
     assert shown(at, "compressed cache") == [format_bytes(ref.compressed_cache_bytes)]
+
+
+def test_live_peak_memory_is_the_serving_probe_of_both_caches(app, monkeypatch) -> None:
+    """The button runs gear_lab.serving.probe for DynamicCache and the chosen config (its JSON)
+    at the page's small shape, in fresh processes, and shows what they measured."""
+    from gear_lab import serving
+    from gear_lab.compression import CompressionConfig
+
+    calls, results = [], []
+    real = serving.probe
+
+    def spy(spec, batch, workload, **kwargs):
+        calls.append((spec, batch, workload))
+        results.append(real(spec, batch, workload, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(serving, "probe", spy)
+    at = app("live")
+    assert not at.get("plotly_chart") and not calls
+    at.button(key="live-memory-run").click()
+    ok(at.run())
+    assert [spec for spec, _, _ in calls][:1] == ["dynamic"] and len(calls) == 2
+    assert CompressionConfig.from_json(calls[1][0]) == get_preset("gear", bits=2)
+    assert calls[0][1:] == calls[1][1:] and calls[0][1] == 2
+    assert (calls[0][2].prompt_tokens, calls[0][2].new_tokens) == (256, 8)
+    full, comp = results
+    assert shown(at, "full precision peak") == [f"{full.peak_mib:.1f} MiB"]
+    assert shown(at, "compressed peak") == [f"{comp.peak_mib:.1f} MiB"]
+    assert shown(at, "peak lower by") == [f"{full.peak_mib / comp.peak_mib:.2f}x"]
+    assert full.peak_mib > comp.peak_mib  # the full-precision K/V of 2 x 264 tokens: 24 MiB
+    (chart,) = at.get("plotly_chart")
+    peak, held = json.loads(chart.proto.spec)["data"]
+    assert peak["y"] == [full.peak_mib, comp.peak_mib]
+    assert held["y"] == [full.held_mib, comp.held_mib]
 
 
 def test_live_generation_refuses_a_prompt_past_the_context_length(app) -> None:

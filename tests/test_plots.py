@@ -85,3 +85,38 @@ def test_readable_axes_and_distinct_lines() -> None:
     assert heads.layout.xaxis.dtick == 1 and heads.layout.xaxis.tick0 == 0
     channels = plots.fig_layer_map(np.ones((4, 64)), rows=range(4), title="t", x_title="channel")
     assert channels.layout.xaxis.dtick == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(kl=arrays(np.float64, st.integers(1, 300), elements=st.floats(0, 5, allow_nan=False)))
+def test_kl_distribution_counts_every_step_and_marks_the_tail(kl) -> None:
+    import torch
+
+    from gear_lab.metrics import kl_quantiles
+
+    stats = kl_quantiles(torch.from_numpy(kl))
+    fig = plots.fig_kl_distribution(kl, stats)
+    assert sum(fig.data[0].y) == kl.size  # zeros and the maximum land in the end bins
+    marked = {shape.x0 for shape in fig.layout.shapes}
+    assert marked == {v for v in stats.values() if v > 0}
+
+
+def test_kl_distribution_refuses_no_steps() -> None:
+    with pytest.raises(TensorError):
+        plots.fig_kl_distribution(np.array([]), {})
+
+
+def test_peak_memory_bars_show_each_probe_and_refuse_none() -> None:
+    from gear_lab.errors import ConfigError
+
+    probes = [
+        {"cache": "dynamic", "peak_mib": 50.5, "held_mib": 45.0},
+        {"cache": "gear", "peak_mib": 12.25, "held_mib": 9.5},
+    ]
+    fig = plots.fig_peak_memory(probes)
+    assert [t.name for t in fig.data] == ["peak above the model", "held by the cache"]
+    assert list(fig.data[0].x) == ["dynamic", "gear"]
+    assert list(fig.data[0].y) == [50.5, 12.25] and list(fig.data[1].y) == [45.0, 9.5]
+    assert fig.data[0].marker.color != fig.data[1].marker.color
+    with pytest.raises(ConfigError):
+        plots.fig_peak_memory([])

@@ -1,17 +1,18 @@
-"""benchmarks/serving.py: the largest-batch search (pure, with a fake measure) and one real probe."""
+"""benchmarks/serving.py's largest-batch search (pure, with a fake measure) and one real probe of
+gear_lab.serving in its own process."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from gear_lab.errors import CacheError, ConfigError
+from gear_lab.serving import Workload, interleaved_speed, probe
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
-TINY = ["--prompt-tokens", "64", "--new-tokens", "4", "--chunk", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +45,22 @@ def test_largest_batch_search(serving, budget, max_batch, want):
     assert len(calls) == again  # all known
 
 
-def test_tiny_probe_runs_in_its_own_process(serving):
-    """One real probe: SmolLM2, GEAR 2-bit, batch 2, 64 prompt + 4 new tokens."""
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--worker", "gear:bits=2", "--batch", "2", *TINY],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    probe = serving.Probe(**json.loads(out.stdout.strip().splitlines()[-1]))
-    assert probe.batch == 2 and probe.cache == "gear:bits=2" and probe.device == "cpu"
-    assert probe.tok_s > 0 and probe.held_mib > 0 and probe.peak_mib < 400
+def test_tiny_probe_runs_in_its_own_process():
+    """One real probe: SmolLM2, GEAR 2-bit, batch 2, 64 prompt + 4 new tokens, in a fresh
+    process; a spec that cannot be built fails as one CacheError line."""
+    workload = Workload(prompt_tokens=64, new_tokens=4, chunk=32)
+    got = probe("gear:bits=2", 2, workload, threads=1)
+    assert got.batch == 2 and got.cache == "gear:bits=2" and got.device == "cpu"
+    assert got.tok_s > 0 and got.held_mib > 0 and got.peak_mib < 400
+    with pytest.raises(CacheError, match=r"gear:bits=x at batch 1 failed: .*bad probe spec"):
+        probe("gear:bits=x", 1, workload, threads=1)
+
+
+def test_interleaved_speed_times_every_cache_in_one_process():
+    """Every spec decodes the same number of steps and gets a positive speed; a spec that
+    cannot be built fails before any timing."""
+    workload = Workload(prompt_tokens=64, new_tokens=3, chunk=32)
+    speed = interleaved_speed(["dynamic", "gear:bits=2"], 2, workload)
+    assert list(speed) == ["dynamic", "gear:bits=2"] and all(v > 0 for v in speed.values())
+    with pytest.raises(ConfigError, match="bad probe spec"):
+        interleaved_speed(["dynamic", "gear:bits=x"], 1, workload)

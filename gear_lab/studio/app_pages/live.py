@@ -2,13 +2,16 @@
 
 Runs :func:`gear_lab.check_generation`: greedy generation with a full-precision cache and with
 a :class:`gear_lab.GearCache` of the chosen method, then teacher-forced KL and top-1 agreement
-per step along the full-precision continuation.
+per step along the full-precision continuation. On request it measures the serving benchmark's
+equal-batch peak memory of ``DynamicCache`` and the chosen method, each in its own process
+(:func:`gear_lab.serving.probe`).
 """
 
 from __future__ import annotations
 
 import html
 import warnings
+from dataclasses import asdict
 
 import streamlit as st
 
@@ -18,12 +21,16 @@ from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.corpus import pydoc_topic
 from gear_lab.errors import GearLabError, NothingCompressedWarning
 from gear_lab.fidelity import check_generation
+from gear_lab.serving import Workload, probe
 from gear_lab.studio import state
 from gear_lab.units import format_bytes
 
 # longer than a few cache blocks: the newest block_size tokens always stay full precision
 DEFAULT_PROMPT = pydoc_topic("for")[:800]
 PROMPT_TAIL = 160  # characters of the prompt shown before each generation
+# the equal-batch memory figure's shape: small, so each process takes a few seconds
+MEMORY_BATCH = 2
+MEMORY_WORKLOAD = {"prompt_tokens": 256, "new_tokens": 8, "chunk": 128}
 
 st.title("Live generation")
 st.caption(
@@ -71,6 +78,38 @@ if go and config is not None:
     else:
         st.session_state["live-result"] = check
         st.session_state["live-tokenizer"] = tokenizer  # decodes the result, whatever is picked
+
+with st.expander("peak memory at equal batch (each cache in its own process)"):
+    st.caption(
+        "The serving benchmark's equal-batch measurement (`benchmarks/serving.py`) at a small "
+        f"shape: batch {MEMORY_BATCH}, a {MEMORY_WORKLOAD['prompt_tokens']}-token corpus prompt "
+        f"prefilled in chunks of {MEMORY_WORKLOAD['chunk']}, {MEMORY_WORKLOAD['new_tokens']} new "
+        "tokens; `DynamicCache` and the chosen method, each in a fresh process. *peak above the "
+        "model*: the process's peak RSS (CUDA: peak allocated) minus its memory after loading "
+        "the model; *held by the cache*: the bytes it keeps allocated at the end (compressed "
+        "blocks, block index, buffers and the one shared reconstruction buffer)."
+    )
+    if st.button("Measure peak memory", disabled=config is None, key="live-memory-run"):
+        workload = Workload(model=model_name, device="auto", **MEMORY_WORKLOAD)
+        try:
+            with st.spinner("measuring both caches, each in its own process ..."):
+                probes = [probe(s, MEMORY_BATCH, workload) for s in ("dynamic", config.to_json())]
+        except GearLabError as err:
+            state.show_error(err)
+        else:
+            names = ("DynamicCache", config.name)
+            st.session_state["live-memory"] = [
+                {**asdict(p), "cache": name} for p, name in zip(probes, names, strict=True)
+            ]
+    measured = st.session_state.get("live-memory")
+    if measured:
+        full_probe, comp_probe = measured
+        m = st.columns(3)
+        m[0].metric("full precision peak", f"{full_probe['peak_mib']:.1f} MiB")
+        m[1].metric("compressed peak", f"{comp_probe['peak_mib']:.1f} MiB")
+        lower = full_probe["peak_mib"] / max(comp_probe["peak_mib"], 1e-3)
+        m[2].metric("peak lower by", f"{lower:.2f}x")
+        st.plotly_chart(plots.fig_peak_memory(measured), key="live-memory-chart")
 
 check = st.session_state.get("live-result")
 if check is None:
@@ -140,3 +179,17 @@ st.plotly_chart(
     plots.fig_generation_steps(check.kl, check.top1, divergence=check.first_divergence),
     key="live-steps",
 )
+if check.kl:
+    stats = check.kl_statistics()
+    q = st.columns(4)
+    for col, (key, name) in zip(
+        q, {"kl_median": "median", "kl_p99": "p99", "kl_p999": "p99.9"}.items(), strict=False
+    ):
+        col.metric(f"KL {name}", state.fmt(stats[key]))
+    q[3].metric("scored steps", len(check.kl))
+    st.plotly_chart(plots.fig_kl_distribution(check.kl, stats), key="live-kl")
+    st.caption(
+        "Per-step KL along the full-precision continuation, as llama.cpp's perplexity tool "
+        "reports it for a new quantization type: the mean hides rare large misses, the p99 and "
+        "p99.9 show them. For many tokens, run `gear-lab ppl`."
+    )
