@@ -499,7 +499,7 @@ def fig_kl_distribution(
     counts, _ = np.histogram(np.clip(kl, low, high), bins=edges)
     fig = go.Figure(
         go.Bar(
-            x=np.sqrt(edges[:-1] * edges[1:]),
+            x=(edges[:-1] + edges[1:]) / 2,  # spans [edge, next edge] on the log axis too
             y=counts,
             width=np.diff(edges),
             name="steps",
@@ -507,18 +507,19 @@ def fig_kl_distribution(
         )
     )
     names = {"kl_mean": "mean", "kl_median": "median", "kl_p99": "p99", "kl_p999": "p99.9"}
+    top = max(int(counts.max()), 1)
     for i, (key, name) in enumerate(names.items()):
-        if key in stats and stats[key] > 0:
-            fig.add_vline(
-                x=stats[key],
-                line_dash=DASHES[i % len(DASHES)],
-                line_color=COLORS[(i + 1) % len(COLORS)],
-                annotation_text=f"{name} {stats[key]:.2g}",
-                annotation_position="top" if i % 2 else "bottom",
+        if key in stats and stats[key] > 0:  # a vertical line per statistic, named in the legend
+            fig.add_scatter(
+                x=[stats[key]] * 2,
+                y=[0, top],
+                mode="lines",
+                name=f"{name} {stats[key]:.2g}",
+                line={"dash": DASHES[i % len(DASHES)], "color": COLORS[(i + 1) % len(COLORS)]},
             )
-    fig.update_xaxes(type="log", title_text="KL (nats)")
-    fig.update_yaxes(title_text="steps")
-    fig.update_layout(title=title, height=340, margin=_MARGIN, showlegend=False)
+    fig.update_xaxes(type="log", title_text="KL (nats)", **log_ticks(edges))
+    fig.update_yaxes(title_text="steps", rangemode="tozero")
+    fig.update_layout(title=title, height=380, margin=_MARGIN, legend=_LEGEND_BELOW)
     return fig
 
 

@@ -258,6 +258,22 @@ def test_live_peak_memory_is_the_serving_probe_of_both_caches(app, monkeypatch) 
     assert held["y"] == [full.held_mib, comp.held_mib]
 
 
+def test_live_generation_runs_pre_rope_keys(app, smol) -> None:
+    from gear_lab import check_generation
+
+    prompt = topics["if"][:400]
+    at = app("live")
+    at.text_area(key="live-prompt").set_value(prompt)
+    at.slider(key="live-max-new-tokens").set_value(4)
+    at.checkbox(key="live-pre-rope").check()
+    at.button(key="live-run").click()
+    ok(at.run())
+    ref = check_generation(*smol, prompt, get_preset("gear", bits=2), 4, pre_rope=True)
+    assert ref.method.endswith("+ pre-RoPE keys")
+    assert shown(at, "same tokens") == [f"{ref.token_agreement:.0%}"]
+    assert float(shown(at, "mean KL per step")[0]) == pytest.approx(ref.mean_kl, rel=1e-3, abs=1e-6)
+
+
 def test_live_generation_refuses_a_prompt_past_the_context_length(app) -> None:
     at = app("live")
     at.text_area(key="live-prompt").set_value("word " * 9000)  # ~9000 tokens, SmolLM2 holds 8192

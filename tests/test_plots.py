@@ -97,7 +97,7 @@ def test_kl_distribution_counts_every_step_and_marks_the_tail(kl) -> None:
     stats = kl_quantiles(torch.from_numpy(kl))
     fig = plots.fig_kl_distribution(kl, stats)
     assert sum(fig.data[0].y) == kl.size  # zeros and the maximum land in the end bins
-    marked = {shape.x0 for shape in fig.layout.shapes}
+    marked = {trace.x[0] for trace in fig.data[1:]}
     assert marked == {v for v in stats.values() if v > 0}
 
 

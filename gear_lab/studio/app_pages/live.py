@@ -45,6 +45,11 @@ with left:
     model_name = state.model_picker("live-model")
     prompt = st.text_area("prompt", DEFAULT_PROMPT, height=200, key="live-prompt")
     max_new_tokens = st.slider("new tokens", 4, 128, 32, key="live-max-new-tokens")
+    pre_rope = st.checkbox(
+        "pre-RoPE keys",
+        key="live-pre-rope",
+        help="KVQuant: compress keys before RoPE and apply RoPE to the decompressed keys",
+    )
 with right, st.expander("method", expanded=True):
     config = state.method_settings(
         "live", initial={"bits": 2}, no_block=f"cache default ({DEFAULT_BLOCK_SIZE})"
@@ -65,7 +70,13 @@ if go and config is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", NothingCompressedWarning)
                 check = check_generation(
-                    model, tokenizer, prompt, config, max_new_tokens, progress=on_step
+                    model,
+                    tokenizer,
+                    prompt,
+                    config,
+                    max_new_tokens,
+                    progress=on_step,
+                    pre_rope=pre_rope,
                 )
             st.session_state["live-warnings"] = [
                 str(w.message) for w in caught if issubclass(w.category, NothingCompressedWarning)
