@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -382,6 +382,36 @@ def _prefill_then_score(
     return logits, prefill_bytes
 
 
+def _protocol_windows(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    corpus: str,
+    windows: int,
+    prefill: int,
+    continuation: int,
+) -> tuple[list[int], list[Tensor]]:
+    """The protocol's window starts and token windows ``[1, prefill + continuation + 1]``, on
+    the model's device, after checking the protocol against the model and the corpus."""
+    validate_protocol(windows, prefill, continuation)
+    check_context(model, prefill + continuation, "prefill + continuation")
+    device = next(model.parameters()).device
+    ids = corpus_ids(tokenizer, corpus)
+    length = prefill + continuation + 1
+    starts = window_starts(len(ids), windows, prefill + continuation)
+    return starts, [ids[start : start + length].to(device)[None] for start in starts]
+
+
+def _full_precision(
+    model: torch.nn.Module, windows: Sequence[Tensor], prefill: int
+) -> list[tuple[Tensor, int]]:
+    """The full-precision side of each window: continuation logits through a ``DynamicCache``
+    and the bytes it held after the prefill (:func:`_prefill_then_score`)."""
+    return [
+        _prefill_then_score(model, make_cache("dynamic", model), window[:, :-1], prefill)
+        for window in windows
+    ]
+
+
 @torch.inference_mode()
 def perplexity_check(
     model: torch.nn.Module,
@@ -408,15 +438,28 @@ def perplexity_check(
     :class:`gear_lab.errors.NothingCompressedWarning` when the prefill cache held as many bytes
     as full precision (``prefill`` shorter than one cache block).
     """
-    validate_protocol(windows, prefill, continuation)
-    check_context(model, prefill + continuation, "prefill + continuation")
+    starts, inputs = _protocol_windows(model, tokenizer, corpus, windows, prefill, continuation)
+    return _check_windows(model, config, pre_rope, corpus, prefill, starts, inputs, None, progress)
+
+
+def _check_windows(
+    model: torch.nn.Module,
+    config: CacheSpec,
+    pre_rope: bool,
+    corpus: str,
+    prefill: int,
+    starts: list[int],
+    inputs: list[Tensor],
+    reference: list[tuple[Tensor, int]] | None,
+    progress: bool,
+) -> PerplexityCheck:
+    """:func:`perplexity_check` on the windows ``inputs`` (starting at corpus tokens
+    ``starts``), with the full-precision side ``reference`` (:func:`_full_precision`) given or,
+    when ``None``, run window by window beside the compressed one."""
     probe = make_cache(config, model, pre_rope=pre_rope)  # validate the spec before the long run
     label = method_label(config, pre_rope=pre_rope)
-    device = next(model.parameters()).device
     entries = model_arch(model).cached_entries(prefill)
-    ids = corpus_ids(tokenizer, corpus)
-    length = prefill + continuation + 1
-    starts = window_starts(len(ids), windows, prefill + continuation)
+    continuation = inputs[0].shape[1] - prefill - 1
     nll_full: list[Tensor] = []
     nll_comp: list[Tensor] = []
     kls: list[Tensor] = []
@@ -425,12 +468,14 @@ def perplexity_check(
     held: list[int] = []
     full_held: list[int] = []
     start_time = time.perf_counter()
-    for start in tqdm(starts, desc=f"ppl {label}", disable=not progress):
-        window = ids[start : start + length].to(device)[None]
-        inputs, targets = window[:, :-1], window[0, prefill + 1 :]
-        full, full_bytes = _prefill_then_score(model, make_cache("dynamic", model), inputs, prefill)
+    for i, window in enumerate(tqdm(inputs, desc=f"ppl {label}", disable=not progress)):
+        tokens, targets = window[:, :-1], window[0, prefill + 1 :]
+        if reference is None:
+            full, full_bytes = _full_precision(model, [window], prefill)[0]
+        else:
+            full, full_bytes = reference[i]
         cache = make_cache(config, model, pre_rope=pre_rope)
-        comp, prefill_bytes = _prefill_then_score(model, cache, inputs, prefill)
+        comp, prefill_bytes = _prefill_then_score(model, cache, tokens, prefill)
         bits.append(8 * prefill_bytes / entries)
         held.append(prefill_bytes)
         full_held.append(full_bytes)
@@ -446,7 +491,7 @@ def perplexity_check(
     return PerplexityCheck(
         method=label,
         corpus=corpus,
-        windows=windows,
+        windows=len(inputs),
         prefill=prefill,
         continuation=continuation,
         window_starts=starts,
@@ -480,7 +525,9 @@ def layer_sensitivity(
     its dump-measured layer errors with it (``calibrate``)."""
     layers = model_arch(model).num_layers
     none = get_preset("none")
-    protocol = {"windows": windows, "prefill": prefill, "continuation": continuation}
+    starts, inputs = _protocol_windows(model, tokenizer, "pydoc", windows, prefill, continuation)
+    with torch.inference_mode():  # the full-precision side once, shared by every layer's check
+        reference = _full_precision(model, inputs, prefill)
     kls = []
     for layer in tqdm(range(layers), desc="layer sensitivity", disable=not progress):
         configs = [config if i == layer else none for i in range(layers)]
@@ -489,6 +536,9 @@ def layer_sensitivity(
             return GearCache(configs, model_config=m.config)
 
         one_layer.label = f"{config.name} on layer {layer}"
-        check = perplexity_check(model, tokenizer, one_layer, progress=False, **protocol)
+        with torch.inference_mode():
+            check = _check_windows(
+                model, one_layer, False, "pydoc", prefill, starts, inputs, reference, False
+            )
         kls.append(check.kl)
     return tuple(kls)
