@@ -211,6 +211,12 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _int64s(values: Sequence[int]) -> ctypes.Array:
+    """A C ``int64_t`` array of ``values`` (leading sizes or strides; pass it with
+    :func:`ctypes.addressof` and keep it alive for the call)."""
+    return (_i64 * len(values))(*values)
+
+
 def compress_body(
     body: Tensor, tc: TensorCompression, ranks: Sequence[int], ignore: Tensor | None
 ) -> tuple[Quantized, Outliers | None, list[LowRank | None]] | None:
@@ -253,12 +259,11 @@ def compress_body(
     left = torch.empty((*lead, n, top), dtype=kept_dtype) if top else None
     right = torch.empty((*lead, top, d), dtype=kept_dtype) if top else None
     omega = _omega(d, top, tc.seed) if top else None
-    sizes = torch.tensor(list(lead) or [1], dtype=torch.int64)
-    strides = torch.tensor(list(body.stride()[:-2]) or [0], dtype=torch.int64)
+    sizes, strides = _int64s(list(lead) or [1]), _int64s(list(body.stride()[:-2]) or [0])
     flags = torch.zeros(3, dtype=torch.int32)
     args = _CompressArgs(
-        body.data_ptr(), _DTYPES[body.dtype], len(sizes), sizes.data_ptr(),
-        strides.data_ptr(), matrices, n, d, tc.bits, tc.axis == "channel", group, k_hi,
+        body.data_ptr(), _DTYPES[body.dtype], len(sizes), ctypes.addressof(sizes),
+        ctypes.addressof(strides), matrices, n, d, tc.bits, tc.axis == "channel", group, k_hi,
         k - k_hi, tc.outlier_mode == "magnitude", tc.outlier_axis == "channel",
         0 if indices is None else indices.element_size(), top, tc.loops, _ptr(omega),
         codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), _ptr(values), _ptr(indices),
@@ -292,7 +297,7 @@ def decompress_body(c: Compressed, into: Tensor | None = None) -> Tensor | None:
         or c.device.type != "cpu"
         or c.dtype not in _DTYPES
         or type(q) is not Quantized
-        or getattr(c, "sketch", None) is not None
+        or c.sketch is not None
         or not _covers(c.config, [0])
         or (out is not None and type(out) is not Outliers)
         or (
@@ -310,7 +315,7 @@ def decompress_body(c: Compressed, into: Tensor | None = None) -> Tensor | None:
     direct = into is not None and into.stride(-1) == 1 and into.stride(-2) == d
     y = into if direct else torch.empty(c.body_shape, dtype=c.dtype)
     lead, steps = y.shape[:-2] or (1,), y.stride()[:-2] or (0,)
-    sizes, strides = (_i64 * len(lead))(*lead), (_i64 * len(lead))(*steps)
+    sizes, strides = _int64s(lead), _int64s(steps)
     channel = q.axis == "channel"
     out_channel = out is not None and out.axis == "channel"
     k = 0 if out is None else out.values.shape[-2 if out_channel else -1]
