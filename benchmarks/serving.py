@@ -27,14 +27,18 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import GearLabError
-from gear_lab.serving import Probe, Workload, interleaved_speed, probe
+from gear_lab.serving import (
+    Probe,
+    add_workload_arguments,
+    interleaved_speed,
+    probe,
+    workload_from,
+)
 
 CACHES = {
     "DynamicCache": "dynamic",
@@ -48,9 +52,8 @@ CACHES = {
 
 def run_probe(spec: str, batch: int, args: argparse.Namespace) -> Probe:
     """One (cache, batch) measured in a fresh process (:func:`gear_lab.serving.probe`)."""
-    workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
     try:
-        result = probe(spec, batch, workload)
+        result = probe(spec, batch, workload_from(args))
     except GearLabError as err:
         raise SystemExit(f"serving: {err}") from None
     print(
@@ -156,7 +159,7 @@ def study_budget(args: argparse.Namespace, caches: dict[str, str]) -> list[dict]
 
 
 def study_speed(args: argparse.Namespace, caches: dict[str, str]) -> None:
-    workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    workload = workload_from(args)
     threads = os.environ.get("GEAR_LAB_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
@@ -197,20 +200,20 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", choices=("batch", "budget", "speed"), default="batch")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--prompt-tokens", type=int, default=1000)
-    parser.add_argument("--new-tokens", type=int, default=500)
-    parser.add_argument("--chunk", type=int, default=128, help="prefill chunk (tokens)")
+    add_workload_arguments(parser)
     parser.add_argument("--batch", type=int, default=8, help="batch of study (a)")
     parser.add_argument("--budgets-mib", default="256,512,1024,2048")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--caches", default=",".join(CACHES), help="labels to run")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", type=Path, help="HTML file for the budget study's curve")
     args = parser.parse_args(argv)
-    for name in ("prompt_tokens", "new_tokens", "chunk", "batch", "max_batch"):
+    for name in ("batch", "max_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        workload_from(args)
+    except GearLabError as err:
+        parser.error(str(err))
     labels = [c.strip() for c in args.caches.split(",")]
     unknown = [c for c in labels if c not in CACHES]
     if unknown:

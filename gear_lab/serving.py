@@ -2,8 +2,12 @@
 
 The measurement behind GEAR's memory and throughput experiment (Kang et al., 2024, section 4.4),
 scaled to a CPU: a prompt of ``prompt_tokens`` corpus tokens repeated across a batch, prefilled
-in chunks of ``chunk`` tokens (so the attention temporaries of a whole-prompt prefill do not hide
-the cache in the peak), then greedy decoding of ``new_tokens`` tokens, and as many more timed.
+in chunks of ``chunk`` tokens (so the activations of a whole-prompt prefill do not hide the cache
+in the peak), then greedy decoding of ``new_tokens`` tokens, and as many more timed. With ``gqa``
+(the default) attention reads each KV head in place for its group of query heads, as GQA-aware
+serving kernels do, where transformers' SDPA path would otherwise materialize repeated copies of
+the layer's K/V whenever a mask is passed (every prefill chunk after the first): 3x the layer's
+K/V on SmolLM2, a temporary that sets the prefill peak of a compressed cache.
 :func:`probe` runs :func:`measure` in a fresh process (``python -m gear_lab.serving``), which
 reports a :class:`Probe`:
 
@@ -39,8 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -49,6 +53,7 @@ from gear_lab.constants import DEFAULT_MODEL
 from gear_lab.errors import CacheError, ConfigError
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 @dataclass
@@ -67,13 +72,15 @@ class Probe:
 @dataclass(frozen=True)
 class Workload:
     """The serving workload: ``prompt_tokens`` corpus tokens repeated across the batch, prefilled
-    in chunks of ``chunk`` tokens, then ``new_tokens`` greedy steps of ``model`` on ``device``."""
+    in chunks of ``chunk`` tokens, then ``new_tokens`` greedy steps of ``model`` on ``device``;
+    ``gqa``: grouped-query attention without repeated K/V (see the module docstring)."""
 
     model: str = DEFAULT_MODEL
     prompt_tokens: int = 1000
     new_tokens: int = 500
-    chunk: int = 128
+    chunk: int = 64
     device: str = "cpu"
+    gqa: bool = True
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "chunk"):
@@ -109,6 +116,21 @@ def _settled_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
+@contextlib.contextmanager
+def _attention(workload: Workload) -> Iterator[None]:
+    """Within: transformers' SDPA attention passes ``enable_gqa`` to torch even with a mask (its
+    ``TRANSFORMERS_SDPA_FORCE_GQA`` switch) when ``workload.gqa``, instead of ``repeat_kv``."""
+    saved = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1" if workload.gqa else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[_FORCE_GQA]
+        else:
+            os.environ[_FORCE_GQA] = saved
+
+
 def build_cache(spec: str, model: torch.nn.Module):
     """The cache a probe spec names: a :class:`~gear_lab.compression.CompressionConfig` as JSON,
     ``"<preset>:key=value,..."`` (integer :func:`~gear_lab.compression.get_preset` overrides;
@@ -135,23 +157,37 @@ def build_cache(spec: str, model: torch.nn.Module):
     return cache
 
 
+def _inputs(workload: Workload, batch: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """The workload's model, its prompt ids ``[batch, prompt_tokens]`` and the cache keyword."""
+    from gear_lab import load_model
+    from gear_lab.cache import cache_kwarg
+    from gear_lab.corpus import corpus_ids
+
+    model, tokenizer = load_model(workload.model, device=workload.device)
+    ids = corpus_ids(tokenizer)[: workload.prompt_tokens].to(model.device)
+    return model, ids.expand(batch, -1).contiguous(), cache_kwarg(model)
+
+
 @torch.inference_mode()
 def measure(spec: str, batch: int, workload: Workload) -> Probe:
     """Measure one (cache spec, batch) in this process (see the module docstring): prefill and
     ``new_tokens`` decode steps for the peak and held memory, then ``new_tokens`` more timed."""
-    from gear_lab import load_model
-    from gear_lab.cache import cache_kwarg
-    from gear_lab.cache_specs import cache_resident_nbytes
-    from gear_lab.corpus import corpus_ids
-
     torch.manual_seed(0)
-    model, tokenizer = load_model(workload.model, device=workload.device)
-    prompt, chunk = workload.prompt_tokens, workload.chunk
-    ids = corpus_ids(tokenizer)[:prompt].to(model.device).expand(batch, -1).contiguous()
-    key = cache_kwarg(model)
+    model, ids, key = _inputs(workload, batch)
     # warm-up: the first forward faults the memory-mapped weights in; the base excludes them
     model(input_ids=ids[:1, :8], **{key: build_cache("dynamic", model)})
     gc.collect()
+    with _attention(workload):
+        return _measure(spec, batch, workload, model, ids, key)
+
+
+def _measure(
+    spec: str, batch: int, workload: Workload, model: torch.nn.Module, ids: torch.Tensor, key: str
+) -> Probe:
+    """:func:`measure` after loading and warm-up: ``ids`` ``[batch, prompt_tokens]``."""
+    from gear_lab.cache_specs import cache_resident_nbytes
+
+    chunk = workload.chunk
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -160,7 +196,7 @@ def measure(spec: str, batch: int, workload: Workload) -> Probe:
     base_kib = _rss_kib("VmRSS")
     _reset_peak()
     cache = build_cache(spec, model)
-    for start in range(0, prompt, chunk):
+    for start in range(0, ids.shape[1], chunk):
         logits = model(input_ids=ids[:, start : start + chunk], logits_to_keep=1, **{key: cache})
     token = logits.logits[:, -1:].argmax(-1)
 
@@ -198,14 +234,20 @@ def interleaved_speed(specs: Sequence[str], batch: int, workload: Workload) -> d
     steps interleaved (step 1 of every cache, then step 2, ...) and the median step time taken,
     so load from other jobs falls on every cache alike. Memory is not measured here (every
     cache lives in this process): that is :func:`probe`'s job."""
-    from gear_lab import load_model
-    from gear_lab.cache import cache_kwarg
-    from gear_lab.corpus import corpus_ids
+    model, ids, key = _inputs(workload, batch)
+    with _attention(workload):
+        return _interleave(specs, batch, workload, model, ids, key)
 
-    model, tokenizer = load_model(workload.model, device=workload.device)
-    ids = corpus_ids(tokenizer)[: workload.prompt_tokens].to(model.device)
-    ids = ids.expand(batch, -1).contiguous()
-    key = cache_kwarg(model)
+
+def _interleave(
+    specs: Sequence[str],
+    batch: int,
+    workload: Workload,
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    key: str,
+) -> dict[str, float]:
+    """:func:`interleaved_speed` after loading: ``ids`` ``[batch, prompt_tokens]``."""
     caches, tokens = {}, {}
     for spec in specs:
         caches[spec] = build_cache(spec, model)
@@ -225,12 +267,52 @@ def interleaved_speed(specs: Sequence[str], batch: int, workload: Workload) -> d
     return {spec: batch / statistics.median(times[spec]) for spec in specs}
 
 
+_WORKLOAD_HELP = {
+    "model": "model id (gear-lab models)",
+    "prompt_tokens": "prompt length P (corpus tokens, the same prompt in every row)",
+    "new_tokens": "greedy decode steps N measured (and as many more timed)",
+    "chunk": "prefill chunk (tokens)",
+    "device": "cpu, cuda or auto",
+    "gqa": "grouped-query attention without repeated K/V (--no-gqa: transformers' repeat_kv)",
+}
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`Workload` field (``--prompt-tokens``, ``--gqa/--no-gqa``, ...),
+    defaulting to the field's default; :func:`workload_from` reads them back."""
+    for f in fields(Workload):
+        flag, help_ = f"--{f.name.replace('_', '-')}", _WORKLOAD_HELP[f.name]
+        if isinstance(f.default, bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_
+            )
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_)
+
+
+def workload_from(args: argparse.Namespace) -> Workload:
+    """The :class:`Workload` of parsed :func:`add_workload_arguments` options (checked)."""
+    return Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+
+
+def workload_argv(workload: Workload) -> list[str]:
+    """The options that :func:`add_workload_arguments` parses back into ``workload``."""
+    argv = []
+    for name, value in asdict(workload).items():
+        flag = name.replace("_", "-")
+        argv += (
+            [f"--{'' if value else 'no-'}{flag}"]
+            if isinstance(value, bool)
+            else [f"--{flag}", str(value)]
+        )
+    return argv
+
+
 def probe(spec: str, batch: int, workload: Workload, *, threads: int | None = None) -> Probe:
     """:func:`measure` in a fresh process (torch limited to ``threads`` threads when given);
     a failed run raises :class:`CacheError` with its last line of output."""
     cmd = [sys.executable, "-m", "gear_lab.serving", spec, "--batch", str(batch)]
-    for name, value in asdict(workload).items():
-        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    cmd += workload_argv(workload)
     # a fixed mmap threshold: glibc returns freed large temporaries to the OS, so the peak RSS
     # measures live memory rather than what the allocator kept after a transient was freed
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -249,15 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec")
     parser.add_argument("--batch", type=int, default=1)
-    defaults = Workload()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_workload_arguments(parser)
     args = parser.parse_args(argv)
     threads = os.environ.get("GEAR_LAB_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    workload = Workload(**{name: getattr(args, name) for name in asdict(defaults)})
-    print(json.dumps(asdict(measure(args.spec, args.batch, workload))))
+    print(json.dumps(asdict(measure(args.spec, args.batch, workload_from(args)))))
     return 0
 
 

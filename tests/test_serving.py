@@ -64,3 +64,45 @@ def test_interleaved_speed_times_every_cache_in_one_process():
     assert list(speed) == ["dynamic", "gear:bits=2"] and all(v > 0 for v in speed.values())
     with pytest.raises(ConfigError, match="bad probe spec"):
         interleaved_speed(["dynamic", "gear:bits=x"], 1, workload)
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_workload_options_round_trip(gqa):
+    """What a probe passes to its process parses back into the same Workload, booleans too."""
+    import argparse
+
+    from gear_lab.serving import add_workload_arguments, workload_argv, workload_from
+
+    workload = Workload(prompt_tokens=77, new_tokens=5, chunk=16, gqa=gqa)
+    parser = argparse.ArgumentParser()
+    add_workload_arguments(parser)
+    assert workload_from(parser.parse_args(workload_argv(workload))) == workload
+    with pytest.raises(ConfigError, match="chunk must be >= 1"):
+        workload_from(parser.parse_args(["--chunk", "0"]))
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_gqa_workload_reads_kv_heads_in_place(monkeypatch, gqa):
+    """A masked prefill chunk (after the first) repeats the layer's K/V per query head unless
+    the workload asks for GQA attention; the switch is undone on leaving."""
+    import os
+
+    import torch
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from gear_lab import load_model
+    from gear_lab.cache import cache_kwarg
+    from gear_lab.serving import _attention, build_cache
+
+    model, _ = load_model("smollm2-135m")
+    calls = []
+    repeat = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: calls.append(1) or repeat(*a))
+    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    ids = torch.arange(100, 116).view(1, -1)
+    with torch.inference_mode(), _attention(Workload(gqa=gqa)):
+        cache = build_cache("dynamic", model)
+        for start in (0, 8):
+            model(input_ids=ids[:, start : start + 8], **{cache_kwarg(model): cache})
+    assert bool(calls) is not gqa
+    assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == before

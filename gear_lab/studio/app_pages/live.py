@@ -30,7 +30,7 @@ DEFAULT_PROMPT = pydoc_topic("for")[:800]
 PROMPT_TAIL = 160  # characters of the prompt shown before each generation
 # the equal-batch memory figure's shape: small, so each process takes a few seconds
 MEMORY_BATCH = 2
-MEMORY_WORKLOAD = {"prompt_tokens": 256, "new_tokens": 8, "chunk": 128}
+MEMORY_WORKLOAD = {"prompt_tokens": 256, "new_tokens": 8}
 
 st.title("Live generation")
 st.caption(
@@ -94,7 +94,7 @@ with st.expander("peak memory at equal batch (each cache in its own process)"):
     st.caption(
         "The serving benchmark's equal-batch measurement (`benchmarks/serving.py`) at a small "
         f"shape: batch {MEMORY_BATCH}, a {MEMORY_WORKLOAD['prompt_tokens']}-token corpus prompt "
-        f"prefilled in chunks of {MEMORY_WORKLOAD['chunk']}, {MEMORY_WORKLOAD['new_tokens']} new "
+        f"prefilled in chunks of {Workload.chunk}, {MEMORY_WORKLOAD['new_tokens']} new "
         "tokens; `DynamicCache` and the chosen method, each in a fresh process. *peak above the "
         "model*: the process's peak RSS (CUDA: peak allocated) minus its memory after loading "
         "the model; *held by the cache*: the bytes it keeps allocated at the end (compressed "
