@@ -17,7 +17,7 @@ from gear_lab.compression import (
     power_lowrank,
     svd_lowrank,
 )
-from gear_lab.compression.lowrank import power_lowrank_ranks
+from gear_lab.compression.lowrank import power_lowrank_ranks, subspace_factors
 
 # a rank from the shared power iteration may be off a separate one's tail energy by this factor
 # (worst seen: 1.07 over 2593 random matrices; on average it is 2 % closer, see below)
@@ -102,6 +102,34 @@ def test_compress_ranks_shares_one_svd_and_matches_separate_calls():
     alone = compress(x, TensorCompression(**{**tc.to_dict(), "lowrank": "power", "rank": 4}))
     assert torch.equal(power[-1].decompress(), alone.decompress())  # the largest rank: exact
     assert [c.nbytes for c in power] == [c.nbytes for c in results]
+
+
+@PROPERTY
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(4, 48), st.integers(4, 24)),
+    seed=st.integers(0, 10**6),
+    data=st.data(),
+)
+def test_subspace_factors_are_the_truncated_svd_within_the_basis(shape, seed, data):
+    """Below the basis' rank, the factors are the best approximation of that rank within it:
+    ``q`` times the truncated SVD of ``projected`` (its singular values and product, up to the
+    float16 rounding of the kept factors), including rank-deficient projections."""
+    x = make_tensor(seed, (1, *shape), style="channels")
+    top = data.draw(st.integers(2, min(shape[-2:])))
+    ranks = sorted(set(data.draw(st.lists(st.integers(1, top - 1), min_size=1, max_size=3))))
+    q = torch.linalg.qr(x.double() @ torch.randn(shape[-1], top, dtype=torch.float64)).Q
+    projected = q.mT @ x.double()
+    if data.draw(st.booleans()):  # rank-deficient: the last component carries no energy
+        projected[..., -1, :] = 0.0
+    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    scale = x.double().abs().amax().clamp_min(1e-30)
+    for rank, kept in zip(
+        ranks, subspace_factors(q.float(), projected.float(), ranks), strict=True
+    ):
+        assert kept.rank == rank
+        want = q @ (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+        got = kept.product(torch.float64)
+        assert torch.allclose(got, want, rtol=0, atol=4e-3 * float(scale)), rank
 
 
 @PROPERTY
