@@ -40,8 +40,10 @@ from gear_lab.sweeps import parse_grid, sweep
 GRID = "method=gear,gear-l,gear-kcvt,kcvt,kivi;bits=2,4;rank=0,2,4,8"
 PARTS = ("batch", "ranks", "ray")
 TARGETS = {"batch": 10.0, "ranks": 1.5, "ray": 1.7}
-# the batched table equals the one-at-a-time table to float64 summation order
-TOLERANCE = dict(check_exact=False, rtol=1e-9, atol=1e-12)
+# the batched table equals the one-at-a-time table: reconstruction columns to float64 summation
+# order, attention columns (float32 on differences, AttentionReference.error_stack) to ~1e-6 by
+# design (measured <= 7e-8 relative on the SmolLM2 dump, 30 layers)
+TOLERANCE = dict(check_exact=False, rtol=1e-5, atol=1e-12)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -72,7 +74,9 @@ def batch_part(dumps: list[Path], options: dict[str, Any]) -> None:
     print(f"one at a time    {alone_s:7.1f} s  {rows / alone_s:7.1f} rows/s  (batch=False)")
     print(f"batched          {batched_s:7.1f} s  {rows / batched_s:7.1f} rows/s  (batch=True)")
     ratio = alone_s / batched_s
-    print(f"speed-up {ratio:.1f}x {_verdict('batch', ratio)}; tables equal to rtol 1e-9")
+    print(
+        f"speed-up {ratio:.1f}x {_verdict('batch', ratio)}; tables equal to rtol {TOLERANCE['rtol']:g}"
+    )
 
 
 def ranks_part(dumps: list[Path], layers: str, grid: dict[str, list[Any]]) -> None:

@@ -15,6 +15,19 @@ from gear_lab.compression import compress, get_preset
 from gear_lab.errors import ConfigError
 from gear_lab.sweeps import ATTENTION_COLUMNS, expand_grid, pareto_front, parse_grid, sweep
 
+# the batched sweep's attention metrics (AttentionReference.error_stack, float32 on differences)
+# against the float64 AttentionReference.error: measured <= 7e-8 relative on the SmolLM2 dump,
+# ~1e-6 by design (float32 row sums, the Taylor / expm1 blend of KL's phi)
+ATTENTION_RTOL = 1e-5
+
+
+def _assert_tables_equal(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Equal sweep tables: attention columns to ATTENTION_RTOL, the rest to float64 order."""
+    att = list(ATTENTION_COLUMNS)
+    close = dict(check_exact=False, atol=1e-12)
+    pd.testing.assert_frame_equal(got.drop(columns=att), want.drop(columns=att), rtol=1e-9, **close)
+    pd.testing.assert_frame_equal(got[att], want[att], rtol=ATTENTION_RTOL, **close)
+
 
 def test_rows_columns_and_measured_sizes(smol_dump):
     grid = {"bits": [2, 4], "rank": [0, 2]}
@@ -43,7 +56,7 @@ def test_rows_columns_and_measured_sizes(smol_dump):
             dump.load("values", 3, sample=1)[None, 2:3],
         )
         assert row["output_rel"] == pytest.approx(
-            ref.error(k_hat=packed.decompress())["output_rel"], rel=1e-9
+            ref.error(k_hat=packed.decompress())["output_rel"], rel=ATTENTION_RTOL
         )
     # more bits, lower error; a rank adds measured bytes
     mean = df.groupby(["kind", "bits", "rank"])[["rel_fro", "bits_per_entry"]].mean()
@@ -80,7 +93,7 @@ def test_ranks_share_one_svd_and_attention_once_per_layer(smol_dump, monkeypatch
     assert len(ref_calls) == 2  # one exact attention per (sample, layer)
     # batched: one call (and one batched SVD) per layer and kind serves both heads
     svd_calls.clear(), ref_calls.clear(), group_calls.clear()
-    pd.testing.assert_frame_equal(sweep(smol_dump, grid, **options), df, rtol=1e-9)
+    _assert_tables_equal(sweep(smol_dump, grid, **options), df)
     assert len(svd_calls) == len(group_calls) == 2 * 2 and len(ref_calls) == 2
     assert all(call.shape[:2] == (2, 1) for call in svd_shapes[-4:])
 
@@ -115,14 +128,15 @@ WIDE_GRID = {
 )
 def test_batched_sweep_equals_one_head_and_config_at_a_time(smol_dump, options):
     """The batched path (heads compressed in one call, metrics on stacks) gives the table of
-    the one-at-a-time path: sizes exactly, metrics to float64 summation order; cutting the grid
-    into tasks changes nothing, power-iteration ranks included."""
+    the one-at-a-time path: sizes exactly, reconstruction metrics to float64 summation order,
+    attention metrics to ATTENTION_RTOL; cutting the grid into tasks changes nothing,
+    power-iteration ranks included."""
     fast = sweep(smol_dump, WIDE_GRID, progress=False, **options)
     slow = sweep(smol_dump, WIDE_GRID, progress=False, batch=False, **options)
     assert len(fast) == len(slow) > 0 and fast["nbytes"].equals(slow["nbytes"])
-    pd.testing.assert_frame_equal(fast, slow, check_exact=False, rtol=1e-9, atol=1e-12)
+    _assert_tables_equal(fast, slow)
     chunked = sweep(smol_dump, WIDE_GRID, progress=False, configs_per_task=5, **options)
-    pd.testing.assert_frame_equal(chunked, fast, check_exact=False, rtol=1e-9, atol=1e-12)
+    _assert_tables_equal(chunked, fast)
     with pytest.raises(ConfigError, match="batch must be"):
         sweep(smol_dump, WIDE_GRID, batch=1, **options)
 
