@@ -125,6 +125,21 @@ def test_llama_shaped_gear_2bit():
         assert torch.equal(got.decompress(), reference_decompress(got))
 
 
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize("group", [16, 24, 64])
+@pytest.mark.parametrize("d", [24, 40, 48, 128])
+def test_vector_and_leftover_lanes_match_the_reference(axis, group, d):
+    """Widths and groups that split into 16-lane vectors plus a remainder (channels left over
+    from the vector code and statistics loops, rows left over from the 16-row token
+    statistics), with outliers to skip."""
+    tc = TensorCompression(bits=3, axis=axis, group_size=group, outliers=0.05, rank=2)
+    config = CompressionConfig(keys=tc, values=tc, block_size=40)
+    x = make_tensor(d + group, (1, 2, 80, d), torch.float16, 1.0, "channels")
+    got = compress(x, config)
+    assert_matches(got, reference_compress(x, config))
+    assert torch.equal(got.decompress(), reference_decompress(got))
+
+
 def test_ranks_share_one_fit_like_the_reference():
     x = make_tensor(11, (1, 2, 128, 64), torch.float16, 1.0, "gauss")
     config = get_preset("gear", bits=2, outliers=0.05, block_size=64)
@@ -198,6 +213,23 @@ def test_reference_warnings_and_errors_are_kept():
         compress(torch.randn(1, 1, 32, 16) * 1e-9, config)
     with pytest.raises(TensorError, match="float16 range"):
         compress(torch.randn(1, 1, 32, 16) * 1e6, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["sink", "body", "rest"])
+def test_nan_and_inf_input_raise_on_the_compiled_path(dtype, bad, where):
+    """The kernel checks the blocks it compresses itself (handing them to the reference, which
+    raises); the sinks and the trailing partial block, which it does not see, are checked
+    apart."""
+    config = get_preset("gear", bits=2, rank=2, outliers=0.05, block_size=16, sinks=2)
+    x = make_tensor(4, (1, 2, 2 + 48 + 5, 16), dtype)
+    x[0, 1, {"sink": 1, "body": 30, "rest": 52}[where], 7] = bad
+    with pytest.raises(TensorError, match="NaN or Inf"):
+        compress(x, config)
+    tc = config.keys
+    body = x[..., 2:50, :].unflatten(-2, (3, 16))
+    assert (cpu_kernel.compress_body(body, tc, [tc.rank], None) is None) == (where == "body")
 
 
 def test_failed_build_falls_back_with_one_notice(monkeypatch):

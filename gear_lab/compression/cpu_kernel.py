@@ -10,8 +10,9 @@ factors and the other quantizers (codebooks, QJL) run the torch reference, as do
 when the library cannot be built or loaded. Its results are the reference's: packed codes,
 scales, zero points, outlier indices and values bit for bit, low-rank factors to within the
 power iteration's float32 rounding (same seeded start), reconstructions bit for bit.
-Where the reference would warn or raise (scales beyond float16, values below its
-resolution), the call is handed to the reference, which does.
+Where the reference would warn or raise (NaN / Inf input, scales beyond float16, values
+below its resolution), the call is handed to the reference, which does; the kernel checks its
+input for NaN / Inf itself, so the caller need not.
 
 The C++ source (``csrc/gear_cpu.cpp``, shipped as package data) is compiled once with the
 system compiler (``$CXX``, else ``c++``) into ``<gear-lab cache>/ext`` and loaded with
@@ -222,7 +223,7 @@ def compress_body(
 ) -> tuple[Quantized, Outliers | None, list[LowRank | None]] | None:
     """The quantized backbone, outliers and low-rank factors (one per rank, ``None`` for rank
     0) of ``body`` ``[..., n, d]`` on the compiled path, or ``None`` where the reference must
-    run."""
+    run (also where ``body`` holds NaN / Inf: the reference raises)."""
     if (
         ignore is not None
         or body.device.type != "cpu"
@@ -260,7 +261,7 @@ def compress_body(
     right = torch.empty((*lead, top, d), dtype=kept_dtype) if top else None
     omega = _omega(d, top, tc.seed) if top else None
     sizes, strides = _int64s(list(lead) or [1]), _int64s(list(body.stride()[:-2]) or [0])
-    flags = torch.zeros(3, dtype=torch.int32)
+    flags = torch.zeros(4, dtype=torch.int32)
     args = _CompressArgs(
         body.data_ptr(), _DTYPES[body.dtype], len(sizes), ctypes.addressof(sizes),
         ctypes.addressof(strides), matrices, n, d, tc.bits, tc.axis == "channel", group, k_hi,
@@ -270,7 +271,7 @@ def compress_body(
         _KEPT.get(kept_dtype, 0), _ptr(left), _ptr(right), _threads(matrices), flags.data_ptr(),
     )  # fmt: skip
     lib.gear_compress(ctypes.byref(args))
-    if flags.any():  # the reference raises or warns, and decides how
+    if flags.any():  # the reference raises or warns (NaN / Inf input too), and decides how
         return None
     base = Quantized(codes, scale, zero, tc.bits, tc.axis, tc.group_size, body.shape)
     outliers = Outliers(values, indices, tc.outlier_axis, body.shape) if k else None

@@ -312,7 +312,11 @@ def _check_input(x: Tensor) -> None:
         raise TensorError(
             f"compress needs a non-empty [batch, kv_heads, seq, head_dim] tensor, got {tuple(x.shape)}"
         )
-    if not torch.isfinite(torch.stack(torch.aminmax(x))).all():
+
+
+def _check_finite(x: Tensor | None) -> None:
+    """Raise on NaN / Inf in ``x`` (any shape, or ``None``: nothing to check)."""
+    if x is not None and not torch.isfinite(torch.stack(torch.aminmax(x))).all():
         raise TensorError("input holds NaN or Inf values")
 
 
@@ -349,10 +353,12 @@ def _compress_body(
         raise ConfigError(
             f"rank {max(ranks)} exceeds min(seq, head_dim) = {min(seq, dim)} of a {seq}x{dim} block"
         )
-    compiled = cpu_kernel.compress_body(body, tc, ranks, ignore)  # None: the torch reference
+    # None: the torch reference (also where the compiled path found NaN / Inf in body)
+    compiled = cpu_kernel.compress_body(body, tc, ranks, ignore)
     if compiled is not None:
         base, outliers, factors = compiled
         return [(base, outliers, f, None) for f in factors]
+    _check_finite(body)
     work = compute_dtype(body.dtype)
     source = body
     if tc.rotate:
@@ -472,6 +478,8 @@ def compress_ranks(
     identity = Compressed(config=tc, body_shape=None, full_precision=x, **common)
     configs = {r: replace(tc, rank=r) for r in ranks}  # validated once per distinct rank
     active = sorted(r for r, c in configs.items() if body is not None and not c.is_identity)
+    for part in (sink, rest, None if active else body):  # _compress_body checks the body
+        _check_finite(part)
     pieces = {}
     if active:
         pieces = dict(zip(active, _compress_body(body, tc, active, ignored_body), strict=True))

@@ -12,6 +12,8 @@
 //   * low rank: seeded subspace iteration with Householder QR (LAPACK's sign convention), left
 //     Q [n, r] and right Q^T R [r, d], either in float32 or balanced and rounded to the kept
 //     float16 / bfloat16 factors (equal to the reference within the iteration's tolerance).
+// A matrix holding NaN / Inf is flagged and skipped (the caller hands the call to the reference,
+// which raises): the input needs no separate check.
 // Compile with -ffp-contract=off: the quantization must not fuse multiply and add.
 
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -30,6 +33,27 @@
 namespace {
 
 enum DType : int32_t { F16 = 0, BF16 = 1, F32 = 2 };
+
+// Allocates whole 64-byte lines: the vector loops then never split a load across two lines
+// (malloc's 16-byte alignment made their speed depend on where the heap put the buffers).
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(std::size_t count) {
+    return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, LineAllocator<T>>;
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = uint32_t(h) << 16;
@@ -106,15 +130,28 @@ void round_outward(const float* value, uint16_t* out, float* back, int64_t count
   halves_to_floats(out, back, count);
 }
 
-void load_matrix(const void* src, int32_t dtype, int64_t count, float* out) {
-  if (dtype == F16) {
-    halves_to_floats(static_cast<const uint16_t*>(src), out, count);
-  } else if (dtype == BF16) {
-    const uint16_t* p = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
-  } else {
+// Loads count entries as float32 into out; returns 1 where one of them is NaN or infinite (its
+// exponent field all ones).
+int32_t load_matrix(const void* src, int32_t dtype, int64_t count, float* out) {
+  if (dtype == F32) {
+    const uint32_t* p = static_cast<const uint32_t*>(src);
+    uint32_t most = 0;
+#pragma omp simd reduction(max : most)
+    for (int64_t i = 0; i < count; ++i) most = std::max(most, p[i] & 0x7f800000u);
     std::memcpy(out, src, count * sizeof(float));
+    return most == 0x7f800000u;
   }
+  const uint16_t* p = static_cast<const uint16_t*>(src);
+  const uint16_t exponent = dtype == F16 ? 0x7c00 : 0x7f80;
+  uint16_t most = 0;
+#pragma omp simd reduction(max : most)
+  for (int64_t i = 0; i < count; ++i) most = std::max<uint16_t>(most, p[i] & exponent);
+  if (dtype == F16) {
+    halves_to_floats(p, out, count);
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
+  }
+  return most == exponent;
 }
 
 inline int64_t element_size(int32_t dtype) { return dtype == F32 ? 4 : 2; }
@@ -178,7 +215,7 @@ inline void keep_best(float v, int32_t i, float* best, int32_t* where, int32_t& 
   where[p] = i;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 // select_chunks for a vector of 16 * C contiguous entries held in registers: the hi largest (of
 // |x| for magnitude), then the lo smallest, each found as the unique entry equal to the best
 // below (above) the previous one. False on a tie (then the sort's order decides).
@@ -190,16 +227,18 @@ bool select_chunks(const float* x, int32_t hi, int32_t lo, bool magnitude, int32
     v[c] = _mm512_loadu_ps(x + 16 * c);
     if (magnitude) v[c] = _mm512_andnot_ps(_mm512_set1_ps(-0.0f), v[c]);
   }
-  // the unique position of value in v, or -1
+  static_assert(C == 4 || C == 8, "64 or 128 entries: one or two 64-bit masks");
+  // the unique position of value in v, or -1 (the C 16-bit masks joined into 64-bit words)
   auto unique = [&](float value) {
     const __m512 target = _mm512_set1_ps(value);
-    int32_t count = 0, at = -1;
-    for (int c = 0; c < C; ++c) {
-      const uint32_t hit = _mm512_cmp_ps_mask(v[c], target, _CMP_EQ_OQ);
-      count += __builtin_popcount(hit);
-      at = hit ? 16 * c + __builtin_ctz(hit) : at;
-    }
-    return count == 1 ? at : -1;
+    __mmask16 hit[8];
+    for (int c = 0; c < C; ++c) hit[c] = _mm512_cmp_ps_mask(v[c], target, _CMP_EQ_OQ);
+    const uint64_t low = _cvtmask64_u64(
+        _mm512_kunpackd(_mm512_kunpackw(hit[3], hit[2]), _mm512_kunpackw(hit[1], hit[0])));
+    const uint64_t high = C == 4 ? 0 : _cvtmask64_u64(_mm512_kunpackd(
+        _mm512_kunpackw(hit[C - 1], hit[C - 2]), _mm512_kunpackw(hit[C - 3], hit[C - 4])));
+    const int32_t at = low ? __builtin_ctzll(low) : 64 + __builtin_ctzll(high);
+    return __builtin_popcountll(low) + __builtin_popcountll(high) == 1 ? at : -1;
   };
   float bound = inf;  // the first pass takes every entry (an infinite one too)
   for (int32_t j = 0; j < hi; ++j) {
@@ -234,7 +273,7 @@ bool select_chunks(const float* x, int32_t hi, int32_t lo, bool magnitude, int32
 bool scan_vector(const float* x, int64_t stride, int64_t len, int32_t hi, int32_t lo,
                  bool magnitude, int32_t* picked) {
   if (hi > 8 || lo > 8 || hi * 64 > len || lo * 64 > len || hi + lo + 2 > len) return false;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   if (stride == 1 && len == 128) return select_chunks<8>(x, hi, lo, magnitude, picked);
   if (stride == 1 && len == 64) return select_chunks<4>(x, hi, lo, magnitude, picked);
 #endif
@@ -361,14 +400,41 @@ struct Unpack {
 
 // ---------------------------------------------------------------------------- quantization
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// code_span on the 16 entries at row with zero z, scale s, inverse i: the same operations in the
+// same order (vmaxps(0, v) and vminps(levels, v) are std::max(v, 0) and std::min(v, levels)),
+// the skip bytes tested straight into a lane mask (code_span's loop widens them and runs 64
+// entries wide with a remainder: slow on short spans).
+inline void code16(const float* row, const uint8_t* skip, __m512 z, __m512 s, __m512 i,
+                   __m512 levels, uint8_t* code, float* residual) {
+  const __m512 x = _mm512_loadu_ps(row);
+  __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(x, z), i),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm512_min_ps(levels, _mm512_max_ps(_mm512_setzero_ps(), v));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(code), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
+  const __m128i held = _mm_loadu_si128(reinterpret_cast<const __m128i*>(skip));
+  _mm512_storeu_ps(residual, _mm512_maskz_sub_ps(_mm_testn_epi8_mask(held, held), x,
+                                                 _mm512_add_ps(_mm512_mul_ps(v, s), z)));
+}
+#endif
+
 // Codes of row[begin..end) with the zero / scale / inverse of each channel (PerChannel) or one
 // for the span, and the residual row - (code * scale + zero), zero where skip is set.
 template <bool PerChannel>
 inline void code_span(const float* row, const uint8_t* skip, const float* zero,
                       const float* scale, const float* inverse, int64_t begin, int64_t end,
                       float levels, uint8_t* code, float* residual) {
+  int64_t first = begin;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (; first + 16 <= end; first += 16)
+    code16(row + first, skip + first,
+           PerChannel ? _mm512_loadu_ps(zero + first) : _mm512_set1_ps(zero[0]),
+           PerChannel ? _mm512_loadu_ps(scale + first) : _mm512_set1_ps(scale[0]),
+           PerChannel ? _mm512_loadu_ps(inverse + first) : _mm512_set1_ps(inverse[0]),
+           _mm512_set1_ps(levels), code + first, residual + first);
+#endif
 #pragma omp simd
-  for (int64_t c = begin; c < end; ++c) {
+  for (int64_t c = first; c < end; ++c) {
     const float z = PerChannel ? zero[c] : zero[0];
     const float s = PerChannel ? scale[c] : scale[0];
     const float i = PerChannel ? inverse[c] : inverse[0];
@@ -376,6 +442,179 @@ inline void code_span(const float* row, const uint8_t* skip, const float* zero,
     v = std::min(std::max(v, 0.0f), levels);
     code[c] = uint8_t(v);
     residual[c] = skip[c] ? 0.0f : row[c] - (v * s + z);
+  }
+}
+
+// code_span<true> on `rows` whole rows of d channels (at stride d) that share one zero / scale /
+// inverse per channel: 16 channels at a time down the rows, their parameters loaded once.
+inline void code_rows(const float* x, const uint8_t* skip, const float* zero, const float* scale,
+                      const float* inverse, int64_t rows, int64_t d, float levels, uint8_t* code,
+                      float* residual) {
+  int64_t c = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (; c + 16 <= d; c += 16) {
+    const __m512 z = _mm512_loadu_ps(zero + c), s = _mm512_loadu_ps(scale + c),
+                 i = _mm512_loadu_ps(inverse + c);
+    for (int64_t t = 0; t < rows; ++t)
+      code16(x + t * d + c, skip + t * d + c, z, s, i, _mm512_set1_ps(levels), code + t * d + c,
+             residual + t * d + c);
+  }
+#endif
+  for (int64_t t = 0; t < rows && c < d; ++t)  // the channels left (all of them without AVX-512)
+    code_span<true>(x + t * d, skip + t * d, zero, scale, inverse, c, d, levels, code + t * d,
+                    residual + t * d);
+}
+
+// The min / max of row[begin..end) without the skipped entries.
+inline void span_stats(const float* row, const uint8_t* skip, int64_t begin, int64_t end,
+                       float* lo, float* hi) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float l = inf, h = -inf;
+#pragma omp simd reduction(min : l) reduction(max : h)
+  for (int64_t c = begin; c < end; ++c) {
+    const float low = skip[c] ? inf : row[c], high = skip[c] ? -inf : row[c];
+    l = low < l ? low : l;
+    h = high > h ? high : h;
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// Vectors of 16 lanes (GCC / Clang vector extensions: native vectors where the ISA has them).
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Lane `lane` of one level of a transposing reduction: inputs a (lanes 0..15) and b (16..31)
+// hold rows in blocks of 2 * B lanes, the output in blocks of B; this picks the first half of
+// each (B added: the second).
+constexpr int fold_lane(int B, int lane) {
+  return lane / B * 2 * B % 16 + lane % B + (lane / B >= 16 / (2 * B) ? 16 : 0);
+}
+
+template <int B, bool Max, int... L>
+inline v16 fold_lanes(v16 a, v16 b, std::integer_sequence<int, L...>) {
+  const v16 x = __builtin_shufflevector(a, b, fold_lane(B, L)...);
+  const v16 y = __builtin_shufflevector(a, b, (fold_lane(B, L) + B)...);
+  return Max ? (x > y ? x : y) : (x < y ? x : y);
+}
+
+// Each row block of a and b reduced with its other half: a's rows, then b's, in B lanes each.
+template <int B, bool Max>
+inline v16 fold(v16 a, v16 b) {
+  return fold_lanes<B, Max>(a, b, std::make_integer_sequence<int, 16>());
+}
+
+// l / h: the lane-wise min / max with the lanes of v whose skip byte s is 0.
+inline void keep_min_max(v16 v, u8x16 s, v16& l, v16& h) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  // the skip bytes tested straight into a lane mask, the min / max masked
+  const __mmask16 kept = _mm_testn_epi8_mask(__m128i(s), __m128i(s));
+  l = v16(_mm512_mask_min_ps(__m512(l), kept, __m512(v), __m512(l)));
+  h = v16(_mm512_mask_max_ps(__m512(h), kept, __m512(v), __m512(h)));
+#else
+  // compared as bytes, then widened: a direct byte to int conversion is scalarized by GCC
+  const float inf = std::numeric_limits<float>::infinity();
+  const i32x16 kept = __builtin_convertvector(i8x16(s == 0), i32x16);
+  const v16 low = kept ? v : inf, high = kept ? v : -inf;
+  l = low < l ? low : l;
+  h = high > h ? high : h;
+#endif
+}
+
+// The lane-wise min / max of row[begin..end) (a multiple of 16 long) without the skipped
+// entries, into l / h.
+inline void lane_stats(const float* row, const uint8_t* skip, int64_t begin, int64_t end,
+                       v16& l, v16& h) {
+  const float inf = std::numeric_limits<float>::infinity();
+  l = v16{} + inf;
+  h = v16{} - inf;
+  for (int64_t c = begin; c < end; c += 16) {
+    u8x16 s;
+    std::memcpy(&s, skip + c, sizeof s);
+    keep_min_max(load16(row + c), s, l, h);
+  }
+}
+
+// The min / max of W channels over rows rows (at stride) without the skipped entries, into
+// lo[0..W) and hi[0..W): the W running values stay in registers (as 16-lane vectors where W
+// allows).
+template <int W>
+inline void channel_stats(const float* x, const uint8_t* skip, int64_t stride, int64_t rows,
+                          float* lo, float* hi) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if constexpr (W % 16 == 0) {
+    v16 l[W / 16], h[W / 16];
+    for (int c = 0; c < W / 16; ++c) {
+      l[c] = v16{} + inf;
+      h[c] = v16{} - inf;
+    }
+    for (int64_t t = 0; t < rows; ++t)
+      for (int c = 0; c < W / 16; ++c) {
+        u8x16 s;
+        std::memcpy(&s, skip + t * stride + 16 * c, sizeof s);
+        keep_min_max(load16(x + t * stride + 16 * c), s, l[c], h[c]);
+      }
+    std::memcpy(lo, l, sizeof l);
+    std::memcpy(hi, h, sizeof h);
+  } else {
+    float l[W], h[W];
+    for (int c = 0; c < W; ++c) {
+      l[c] = inf;
+      h[c] = -inf;
+    }
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* row = x + t * stride;
+      const uint8_t* s = skip + t * stride;
+#pragma omp simd
+      for (int c = 0; c < W; ++c) {
+        const float low = s[c] ? inf : row[c], high = s[c] ? -inf : row[c];
+        l[c] = low < l[c] ? low : l[c];
+        h[c] = high > h[c] ? high : h[c];
+      }
+    }
+    for (int c = 0; c < W; ++c) {
+      lo[c] = l[c];
+      hi[c] = h[c];
+    }
+  }
+}
+
+// span_stats of 16 rows (at stride) over [begin, end), a multiple of 16 long, into lo / hi at
+// out_stride: lane-wise min / max per row, then one transposing tree for all 16 rows instead of
+// a horizontal reduction per row (row pairs folded at once, so that all stays in registers).
+inline void span_stats16(const float* x, const uint8_t* skip, int64_t stride, int64_t begin,
+                         int64_t end, float* lo, float* hi, int64_t out_stride) {
+  v16 l[8], h[8];
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p) {
+    v16 l0, h0, l1, h1;
+    lane_stats(x + 2 * p * stride, skip + 2 * p * stride, begin, end, l0, h0);
+    lane_stats(x + (2 * p + 1) * stride, skip + (2 * p + 1) * stride, begin, end, l1, h1);
+    l[p] = fold<8, false>(l0, l1);
+    h[p] = fold<8, true>(h0, h1);
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    l[p] = fold<4, false>(l[2 * p], l[2 * p + 1]);
+    h[p] = fold<4, true>(h[2 * p], h[2 * p + 1]);
+  }
+#pragma GCC unroll 2
+  for (int p = 0; p < 2; ++p) {
+    l[p] = fold<2, false>(l[2 * p], l[2 * p + 1]);
+    h[p] = fold<2, true>(h[2 * p], h[2 * p + 1]);
+  }
+  const v16 least = fold<1, false>(l[0], l[1]), most = fold<1, true>(h[0], h[1]);
+  for (int t = 0; t < 16; ++t) {
+    lo[t * out_stride] = least[t];
+    hi[t * out_stride] = most[t];
   }
 }
 
@@ -540,13 +779,6 @@ void times_t(const float* r, int64_t n, int64_t d, const float* q, int64_t k, fl
 // The same products for K columns and D = head_dim known at compile time: the K x D
 // accumulators (or the K rows of V) stay in vector registers; multiply-adds may fuse here (the
 // fit only needs float32 accuracy, unlike the quantization).
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // The sum of the 16 lanes, as a tree.
 inline float sum16(v16 v) {
@@ -589,6 +821,8 @@ __attribute__((optimize("fp-contract=fast"))) void times_fixed(const float* r, i
   for (; i + 16 <= n; i += 16) {  // sixteen rows per column, summed together
     for (int j = 0; j < K; ++j) {
       __m512 acc[16];
+      // unrolled: the 16 rows' chains of dependent multiply-adds interleave
+#pragma GCC unroll 16
       for (int t = 0; t < 16; ++t) {
         v16 sum = {};
         for (int c = 0; c < D / 16; ++c) sum += load16(r + (i + t) * D + 16 * c) * vv[j][c];
@@ -646,7 +880,10 @@ int32_t keep_factors(const float* q, const float* p, int64_t n, int64_t d, int64
   int32_t bad = 0;
   for (int64_t j = 0; j < k; ++j) {
     float big_left = 0.0f, big_right = 0.0f;
+    // a max is exact in any order: vectorized reductions (a plain loop stays scalar)
+#pragma omp simd reduction(max : big_left)
     for (int64_t i = 0; i < n; ++i) big_left = std::max(big_left, std::fabs(q[j * n + i]));
+#pragma omp simd reduction(max : big_right)
     for (int64_t c = 0; c < d; ++c) big_right = std::max(big_right, std::fabs(p[j * d + c]));
     float shift = std::nearbyint(0.5f * (std::log2(big_right) - std::log2(big_left)));
     const float factor = std::isfinite(shift) ? std::exp2(shift) : 1.0f;
@@ -695,7 +932,7 @@ struct CompressArgs {
   void* right;                 // [M, rank, d]
   int32_t threads;
   int32_t* flags;              // [0]: some group's scales are unresolved; [1]: fp16 overflow
-                               // of scales; [2]: of the kept factors
+                               // of scales; [2]: of the kept factors; [3]: NaN / inf input
 };
 
 // Compresses every matrix; returns 0.
@@ -708,17 +945,24 @@ int gear_compress(const CompressArgs* a) {
   const float levels = float((1 << a->bits) - 1);
   const int64_t esize = element_size(a->dtype);
   const int64_t code_bytes = nd / 8 * a->bits;
-  int32_t unresolved = 0, overflow = 0, factor_overflow = 0;
+  int32_t unresolved = 0, overflow = 0, factor_overflow = 0, nonfinite = 0;
 
-#pragma omp parallel num_threads(a->threads) reduction(| : unresolved, overflow, factor_overflow)
+#pragma omp parallel num_threads(a->threads) \
+    reduction(| : unresolved, overflow, factor_overflow, nonfinite)
   {
-    std::vector<float> x(nd), resid(nd), key;
-    std::vector<uint8_t> mask(nd), code(nd);
-    std::vector<float> lo(groups * other), hi(groups * other), zf(groups * other),
+    // private copies: the byte stores below may alias *a, which would reload these
+    const int32_t out_hi = a->out_hi, out_lo = a->out_lo, index_bytes = a->index_bytes;
+    const bool out_channel = a->out_channel, magnitude = a->magnitude;
+    void* const out_index = a->out_index;
+    char* const out_values = static_cast<char*>(a->out_values);
+    Buffer<float> x(nd), resid(nd);
+    std::vector<float> key;
+    Buffer<uint8_t> mask(nd), code(nd);
+    Buffer<float> lo(groups * other), hi(groups * other), zf(groups * other),
         sf(groups * other), inv(groups * other);
     std::vector<int32_t> picked(std::max<int32_t>(k, 1));
     std::vector<Pair> queue;
-    std::vector<float> q(a->rank * n), z(a->rank * d), omega_t(a->rank * d), tau(a->rank + 1),
+    Buffer<float> q(a->rank * n), z(a->rank * d), omega_t(a->rank * d), tau(a->rank + 1),
         scratch(std::max(n, d));
     for (int64_t j = 0; j < a->rank; ++j)
       for (int64_t c = 0; c < d; ++c) omega_t[j * d + c] = a->omega[c * a->rank + j];
@@ -727,28 +971,25 @@ int gear_compress(const CompressArgs* a) {
     for (int64_t m = 0; m < a->matrices; ++m) {
       const int64_t off = matrix_offset(m, a->lead_ndim, a->lead_sizes, a->lead_strides);
       const char* src = static_cast<const char*>(a->x) + off * esize;
-      load_matrix(src, a->dtype, nd, x.data());
-      if (m + 1 < a->matrices) {  // the next matrix's rows, while this one is worked on
-        const int64_t next = matrix_offset(m + 1, a->lead_ndim, a->lead_sizes, a->lead_strides);
-        const char* ahead = static_cast<const char*>(a->x) + next * esize;
-        for (int64_t b = 0; b < nd * esize; b += 64) __builtin_prefetch(ahead + b);
+      if (load_matrix(src, a->dtype, nd, x.data())) {  // the caller raises: nothing to compute
+        nonfinite = 1;
+        continue;
       }
 
       // Outliers S: exact count per vector, excluded from the statistics below.
       std::fill(mask.begin(), mask.end(), 0);
       if (k > 0) {
-        const int64_t vstride = a->out_channel ? d : 1, step = a->out_channel ? 1 : d;
+        const int64_t vstride = out_channel ? d : 1, step = out_channel ? 1 : d;
         for (int64_t v = 0; v < vectors; ++v) {
-          pick_vector(x.data() + v * step, vstride, vec_len, a->out_hi, a->out_lo,
-                      a->magnitude, picked.data(), key, queue);
+          pick_vector(x.data() + v * step, vstride, vec_len, out_hi, out_lo, magnitude,
+                      picked.data(), key, queue);
           for (int32_t j = 0; j < k; ++j) {
-            const int64_t pos = a->out_channel ? int64_t(picked[j]) * d + v
-                                               : v * d + picked[j];
-            const int64_t slot = a->out_channel ? m * k * d + int64_t(j) * d + v
-                                                : (m * n + v) * k + j;
+            const int64_t pos = out_channel ? int64_t(picked[j]) * d + v : v * d + picked[j];
+            const int64_t slot = out_channel ? m * k * d + int64_t(j) * d + v
+                                             : (m * n + v) * k + j;
             mask[pos] = 1;
-            store_index(a->out_index, a->index_bytes, slot, picked[j]);
-            char* value = static_cast<char*>(a->out_values) + slot * esize;
+            store_index(out_index, index_bytes, slot, picked[j]);
+            char* value = out_values + slot * esize;
             if (esize == 2) std::memcpy(value, src + pos * 2, 2);  // fixed sizes: no call
             else std::memcpy(value, src + pos * 4, 4);
           }
@@ -756,35 +997,30 @@ int gear_compress(const CompressArgs* a) {
       }
 
       // Grouped min / max without outliers; float16 zero (down) and scale (up).
-      const float inf = std::numeric_limits<float>::infinity();
-      std::fill(lo.begin(), lo.end(), inf);
-      std::fill(hi.begin(), hi.end(), -inf);
-      for (int64_t t = 0; t < n; ++t) {
-        const float* row = x.data() + t * d;
-        const uint8_t* skip = mask.data() + t * d;
-        if (a->channel_axis) {  // statistics of group t / G, one per channel
-          float* l = lo.data() + (t / a->group) * d;
-          float* h = hi.data() + (t / a->group) * d;
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c) {
-            const float low = skip[c] ? inf : row[c], high = skip[c] ? -inf : row[c];
-            l[c] = low < l[c] ? low : l[c];
-            h[c] = high > h[c] ? high : h[c];
-          }
-        } else {
-          for (int64_t g = 0; g < groups; ++g) {
-            float l = inf, h = -inf;
-            const int64_t end = std::min(d, (g + 1) * a->group);
-#pragma omp simd reduction(min : l) reduction(max : h)
-            for (int64_t c = g * a->group; c < end; ++c) {
-              const float low = skip[c] ? inf : row[c], high = skip[c] ? -inf : row[c];
-              l = low < l ? low : l;
-              h = high > h ? high : h;
-            }
-            lo[t * groups + g] = l;
-            hi[t * groups + g] = h;
-          }
+      if (a->channel_axis) {  // per channel over each group's rows, W channels at a time
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t first = g * a->group, rows = std::min(n, first + a->group) - first;
+          const float* block = x.data() + first * d;
+          const uint8_t* skip = mask.data() + first * d;
+          float *l = lo.data() + g * d, *h = hi.data() + g * d;
+          int64_t c = 0;
+          for (; c + 64 <= d; c += 64) channel_stats<64>(block + c, skip + c, d, rows, l + c, h + c);
+          for (; c + 16 <= d; c += 16) channel_stats<16>(block + c, skip + c, d, rows, l + c, h + c);
+          for (; c < d; ++c) channel_stats<1>(block + c, skip + c, d, rows, l + c, h + c);
         }
+      } else {  // per group along each row, 16 rows at a time where the groups split in 16s
+        const bool whole = a->group % 16 == 0 && d % 16 == 0;
+        int64_t t = 0;
+        for (; whole && t + 16 <= n; t += 16)
+          for (int64_t g = 0; g < groups; ++g)
+            span_stats16(x.data() + t * d, mask.data() + t * d, d, g * a->group,
+                         std::min(d, (g + 1) * a->group), lo.data() + t * groups + g,
+                         hi.data() + t * groups + g, groups);
+        for (; t < n; ++t)
+          for (int64_t g = 0; g < groups; ++g)
+            span_stats(x.data() + t * d, mask.data() + t * d, g * a->group,
+                       std::min(d, (g + 1) * a->group), lo.data() + t * groups + g,
+                       hi.data() + t * groups + g);
       }
       const int64_t stats = groups * other;
       uint16_t* scale = a->scale + m * stats;
@@ -814,13 +1050,15 @@ int gear_compress(const CompressArgs* a) {
       unresolved |= coarse;
 
       // Codes; the residual X - D (zero at outliers) for the low rank.
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t e = t * d;
-        if (a->channel_axis) {
-          const int64_t base = (t / a->group) * d;
-          code_span<true>(x.data() + e, mask.data() + e, zf.data() + base, sf.data() + base,
-                          inv.data() + base, 0, d, levels, code.data() + e, resid.data() + e);
-        } else {
+      if (a->channel_axis) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t e = g * a->group * d, rows = std::min(n, (g + 1) * a->group) - g * a->group;
+          code_rows(x.data() + e, mask.data() + e, zf.data() + g * d, sf.data() + g * d,
+                    inv.data() + g * d, rows, d, levels, code.data() + e, resid.data() + e);
+        }
+      } else {
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t e = t * d;
           for (int64_t g = 0; g < groups; ++g) {
             const int64_t s = t * groups + g, end = std::min(d, (g + 1) * a->group);
             code_span<false>(x.data() + e, mask.data() + e, zf.data() + s, sf.data() + s,
@@ -830,6 +1068,12 @@ int gear_compress(const CompressArgs* a) {
         }
       }
       by_bits<Pack>(a->bits, code.data(), a->codes + m * code_bytes, nd);
+
+      if (m + 1 < a->matrices) {  // the next matrix's rows, while the low rank is fitted
+        const int64_t next = matrix_offset(m + 1, a->lead_ndim, a->lead_sizes, a->lead_strides);
+        const char* ahead = static_cast<const char*>(a->x) + next * esize;
+        for (int64_t b = 0; b < nd * esize; b += 64) __builtin_prefetch(ahead + b);
+      }
 
       // Low rank L: seeded subspace iteration on the residual.
       if (a->rank) {
@@ -860,6 +1104,7 @@ int gear_compress(const CompressArgs* a) {
   a->flags[0] = unresolved;
   a->flags[1] = overflow;
   a->flags[2] = factor_overflow;
+  a->flags[3] = nonfinite;
   return 0;
 }
 
@@ -896,10 +1141,10 @@ int gear_decompress(const DecompressArgs* a) {
 
 #pragma omp parallel num_threads(a->threads)
   {
-    std::vector<float> work(a->dtype == F32 ? 0 : nd), lf(n * r), rf(r * d),
+    Buffer<float> work(a->dtype == F32 ? 0 : nd), lf(n * r), rf(r * d),
         sf(groups * other), zf(groups * other);
-    std::vector<uint8_t> code(nd);
-    std::vector<float> acc(d);
+    Buffer<uint8_t> code(nd);
+    Buffer<float> acc(d);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t m = 0; m < a->matrices; ++m) {
       char* dst = static_cast<char*>(a->out) +
@@ -947,18 +1192,22 @@ int gear_decompress(const DecompressArgs* a) {
           for (int64_t c = 0; c < d; ++c) row[c] += acc[c];
         }
       }
-      const int64_t k = a->out_k;
-      for (int64_t j = 0; j < (a->out_values ? k * (a->out_channel ? d : n) : 0); ++j) {
-        const int64_t slot = m * k * (a->out_channel ? d : n) + j;
-        const int64_t idx = load_index(a->out_index, a->index_bytes, slot);
-        const int64_t pos = a->out_channel ? idx * d + j % d : (j / k) * d + idx;
-        const char* v = static_cast<const char*>(a->out_values) + slot * esize;
-        float value;
-        if (a->dtype == F16) value = float(bits_half(*reinterpret_cast<const uint16_t*>(v)));
-        else if (a->dtype == BF16) value = bf16_to_float(*reinterpret_cast<const uint16_t*>(v));
-        else value = *reinterpret_cast<const float*>(v);
-        y[pos] = value;
-      }
+      // the outliers in slot order: [k, d] (channel) or [n, k] (token) per matrix, as
+      // outer x inner (no division per outlier)
+      const int64_t k = a->out_values ? a->out_k : 0;
+      const int64_t outer = a->out_channel ? k : n, inner = a->out_channel ? d : k;
+      for (int64_t i = 0; i < outer; ++i)
+        for (int64_t j = 0; j < inner; ++j) {
+          const int64_t slot = (m * outer + i) * inner + j;
+          const int64_t idx = load_index(a->out_index, a->index_bytes, slot);
+          const int64_t pos = a->out_channel ? idx * d + j : i * d + idx;
+          const char* v = static_cast<const char*>(a->out_values) + slot * esize;
+          float value;
+          if (a->dtype == F16) value = float(bits_half(*reinterpret_cast<const uint16_t*>(v)));
+          else if (a->dtype == BF16) value = bf16_to_float(*reinterpret_cast<const uint16_t*>(v));
+          else value = *reinterpret_cast<const float*>(v);
+          y[pos] = value;
+        }
       if (a->dtype != F32)  // float32 is the compute dtype: the reference does not clamp
         for (int64_t i = 0; i < nd; ++i) y[i] = std::min(std::max(y[i], -limit), limit);
       if (a->dtype == F16) {
