@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from gear_lab.compression.config import TensorCompression
-from gear_lab.compression.lowrank import LowRank, gaussian_start, subspace_factors
+from gear_lab.compression.lowrank import LowRank, gaussian_start
 from gear_lab.compression.outliers import Outliers, index_dtype, outlier_count
 from gear_lab.compression.quantize import Quantized, leading_like
 
@@ -75,7 +75,8 @@ class _CompressArgs(ctypes.Structure):
         ("magnitude", _i32), ("out_channel", _i32), ("index_bytes", _i32), ("rank", _i32),
         ("loops", _i32), ("omega", _p), ("codes", _p), ("scale", _p), ("zero", _p),
         ("out_values", _p), ("out_index", _p), ("factors", _i32), ("left", _p), ("right", _p),
-        ("threads", _i32), ("flags", _p),
+        ("lower", _i32), ("lower_left", _p), ("lower_right", _p), ("threads", _i32),
+        ("flags", _p),
     ]  # fmt: skip
 
 
@@ -255,10 +256,14 @@ def compress_body(
     values = torch.empty(out_shape, dtype=body.dtype) if k else None
     indices = torch.empty(out_shape, dtype=index_dtype(out_len)) if k else None
     fitted = sorted({r for r in ranks if r})
-    # one rank: the kernel keeps the factors itself; several: lowrank.subspace_factors does
-    kept_dtype = _FACTORS[tc.factor_dtype] if len(fitted) == 1 else torch.float32
+    # the kernel keeps the largest rank's factors and, for several ranks, the best
+    # approximation of the next largest within its subspace, which the smaller ones truncate
+    lower = max((r for r in fitted if r < top), default=0)
+    kept_dtype = _FACTORS[tc.factor_dtype]
     left = torch.empty((*lead, n, top), dtype=kept_dtype) if top else None
     right = torch.empty((*lead, top, d), dtype=kept_dtype) if top else None
+    lower_left = torch.empty((*lead, n, lower), dtype=kept_dtype) if lower else None
+    lower_right = torch.empty((*lead, lower, d), dtype=kept_dtype) if lower else None
     omega = _omega(d, top, tc.seed) if top else None
     sizes, strides = _int64s(list(lead) or [1]), _int64s(list(body.stride()[:-2]) or [0])
     flags = torch.zeros(4, dtype=torch.int32)
@@ -268,20 +273,18 @@ def compress_body(
         k - k_hi, tc.outlier_mode == "magnitude", tc.outlier_axis == "channel",
         0 if indices is None else indices.element_size(), top, tc.loops, _ptr(omega),
         codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), _ptr(values), _ptr(indices),
-        _KEPT.get(kept_dtype, 0), _ptr(left), _ptr(right), _threads(matrices), flags.data_ptr(),
+        _KEPT[kept_dtype], _ptr(left), _ptr(right), lower, _ptr(lower_left), _ptr(lower_right),
+        _threads(matrices), flags.data_ptr(),
     )  # fmt: skip
     lib.gear_compress(ctypes.byref(args))
     if flags.any():  # the reference raises or warns (NaN / Inf input too), and decides how
         return None
     base = Quantized(codes, scale, zero, tc.bits, tc.axis, tc.group_size, body.shape)
     outliers = Outliers(values, indices, tc.outlier_axis, body.shape) if k else None
-    kept = {}
-    if len(fitted) == 1:
-        kept = {top: LowRank(left, right)}
-    elif fitted:
-        kept = dict(
-            zip(fitted, subspace_factors(left, right, fitted, tc.factor_dtype), strict=True)
-        )
+    kept = {top: LowRank(left, right)} if top else {}
+    if lower:
+        within = LowRank(lower_left, lower_right)
+        kept |= {r: within.truncate(r) for r in fitted if r < top}
     return base, outliers, [kept.get(r) for r in ranks]
 
 

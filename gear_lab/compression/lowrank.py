@@ -167,7 +167,7 @@ def subspace_factors(
 ) -> list[LowRank]:
     """The kept factors of :func:`power_lowrank_ranks` from its fitted basis ``q``
     ``[..., seq, k]`` and projection ``projected = q^T r`` ``[..., k, head_dim]`` (``k`` the
-    largest of ``ranks``); shared with the compiled CPU path, which fits ``q`` itself."""
+    largest of ``ranks``); the compiled CPU path computes the same in C++."""
     top = q.shape[-1]
     below = [k for k in ranks if k < top]
     if not below:
@@ -180,6 +180,9 @@ def subspace_factors(
     energy, vectors = torch.linalg.eigh(gram)  # ascending
     keep = max(below)
     energy, vectors = energy.flip(-1)[..., :keep], vectors.flip(-1)[..., :keep]
+    # one sign per component (the largest entry of its eigenvector positive), as the C++ path
+    largest = vectors.gather(-2, vectors.abs().argmax(-2, keepdim=True))
+    vectors = vectors * torch.where(largest < 0, -1.0, 1.0)
     root = energy.clamp_min(0).sqrt().sqrt()  # sqrt(S)
     inverse = torch.where(root > 0, root.reciprocal(), torch.zeros_like(root))
     left = q @ (vectors * root.unsqueeze(-2)).to(q.dtype)

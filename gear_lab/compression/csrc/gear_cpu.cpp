@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -905,6 +906,80 @@ int32_t keep_factors(const float* q, const float* p, int64_t n, int64_t d, int64
   return bad;
 }
 
+// Lower-rank factors within a fitted subspace (lowrank.subspace_factors): q [k, n] (column j of
+// the basis at q + j * n) and p = q^T r [k, d]; the SVD p = U S V^T comes from the eigenvectors
+// of the Gram matrix p p^T [k, k] (cyclic Jacobi, double), and the leading j components give
+// left [j, n] = q U sqrt(S) and right [j, d] = sqrt(S) V^T (a component with S = 0: zeros).
+void subspace_lower(const float* q, const float* p, int64_t n, int64_t d, int64_t k, int64_t j,
+                    float* left, float* right) {
+  std::vector<double> g(k * k, 0.0), v(k * k, 0.0);
+  for (int64_t a = 0; a < k; ++a) {
+    v[a * k + a] = 1.0;
+    for (int64_t b = 0; b <= a; ++b) {
+      double s = 0.0;
+      for (int64_t c = 0; c < d; ++c) s += double(p[a * d + c]) * p[b * d + c];
+      g[a * k + b] = g[b * k + a] = s;
+    }
+  }
+  for (int sweep = 0; sweep < 50; ++sweep) {
+    double off = 0.0, diag = 0.0;
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t b = 0; b < k; ++b) (a == b ? diag : off) += g[a * k + b] * g[a * k + b];
+    if (off <= 1e-30 * diag) break;
+    for (int64_t a = 0; a < k; ++a) {
+      for (int64_t b = a + 1; b < k; ++b) {
+        const double gab = g[a * k + b];
+        if (gab == 0.0) continue;
+        const double theta = (g[b * k + b] - g[a * k + a]) / (2.0 * gab);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+        for (int64_t r = 0; r < k; ++r) {  // columns a, b
+          const double ra = g[r * k + a], rb = g[r * k + b];
+          g[r * k + a] = c * ra - s * rb;
+          g[r * k + b] = s * ra + c * rb;
+        }
+        for (int64_t r = 0; r < k; ++r) {  // rows a, b
+          const double ar = g[a * k + r], br = g[b * k + r];
+          g[a * k + r] = c * ar - s * br;
+          g[b * k + r] = s * ar + c * br;
+        }
+        for (int64_t r = 0; r < k; ++r) {
+          const double ra = v[r * k + a], rb = v[r * k + b];
+          v[r * k + a] = c * ra - s * rb;
+          v[r * k + b] = s * ra + c * rb;
+        }
+      }
+    }
+  }
+  std::vector<int64_t> order(k);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return g[x * k + x] > g[y * k + y]; });
+  std::vector<double> acc(std::max(n, d));
+  for (int64_t t = 0; t < j; ++t) {
+    const int64_t col = order[t];
+    int64_t largest = 0;  // one sign per component: the largest entry of its eigenvector positive
+    for (int64_t a = 1; a < k; ++a)
+      if (std::fabs(v[a * k + col]) > std::fabs(v[largest * k + col])) largest = a;
+    if (v[largest * k + col] < 0)
+      for (int64_t a = 0; a < k; ++a) v[a * k + col] = -v[a * k + col];
+    const double root = std::sqrt(std::sqrt(std::max(g[col * k + col], 0.0)));
+    const double inverse = root > 0.0 ? 1.0 / root : 0.0;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t a = 0; a < k; ++a) {
+      const double w = v[a * k + col];
+      for (int64_t i = 0; i < n; ++i) acc[i] += w * q[a * n + i];
+    }
+    for (int64_t i = 0; i < n; ++i) left[t * n + i] = float(acc[i] * root);
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t a = 0; a < k; ++a) {
+      const double w = v[a * k + col];
+      for (int64_t c = 0; c < d; ++c) acc[c] += w * p[a * d + c];
+    }
+    for (int64_t c = 0; c < d; ++c) right[t * d + c] = float(acc[c] * inverse);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -927,9 +1002,12 @@ struct CompressArgs {
   uint16_t* zero;
   void* out_values;            // [M, n, k] (token) or [M, k, d] (channel), input dtype
   void* out_index;             // same shape, index_bytes each
-  int32_t factors;             // 0: float32 Q and Q^T R; 1 / 2: kept float16 / bfloat16 factors
+  int32_t factors;             // kept factors: 1 float16, 2 bfloat16
   void* left;                  // [M, n, rank]
   void* right;                 // [M, rank, d]
+  int32_t lower;               // 0, or the rank of the best approximation within the fitted
+  void* lower_left;            // subspace also kept (lowrank.subspace_factors): [M, n, lower]
+  void* lower_right;           // and [M, lower, d]
   int32_t threads;
   int32_t* flags;              // [0]: some group's scales are unresolved; [1]: fp16 overflow
                                // of scales; [2]: of the kept factors; [3]: NaN / inf input
@@ -963,7 +1041,7 @@ int gear_compress(const CompressArgs* a) {
     std::vector<int32_t> picked(std::max<int32_t>(k, 1));
     std::vector<Pair> queue;
     Buffer<float> q(a->rank * n), z(a->rank * d), omega_t(a->rank * d), tau(a->rank + 1),
-        scratch(std::max(n, d));
+        scratch(std::max(n, d)), low_q(a->lower * n), low_p(a->lower * d);
     for (int64_t j = 0; j < a->rank; ++j)
       for (int64_t c = 0; c < d; ++c) omega_t[j * d + c] = a->omega[c * a->rank + j];
 
@@ -1086,16 +1164,18 @@ int gear_compress(const CompressArgs* a) {
           product<false>(resid.data(), n, d, z.data(), r, q.data());
           (loop + 1 < a->loops ? orthonormalize : householder_q)(q.data(), r, n, tau.data());
         }
-        if (a->factors == 0) {  // float32 Q and Q^T R, for lowrank.subspace_factors
-          float* left = static_cast<float*>(a->left) + m * n * r;
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < r; ++j) left[i * r + j] = q[j * n + i];
-          product<true>(resid.data(), n, d, q.data(), r, static_cast<float*>(a->right) + m * r * d);
-        } else {  // kept factors, balanced as lowrank.LowRank.keep
-          product<true>(resid.data(), n, d, q.data(), r, z.data());
-          factor_overflow |= keep_factors(q.data(), z.data(), n, d, r, a->factors == 2,
-                                          static_cast<uint16_t*>(a->left) + m * n * r,
-                                          static_cast<uint16_t*>(a->right) + m * r * d,
+        // kept factors, balanced as lowrank.LowRank.keep
+        product<true>(resid.data(), n, d, q.data(), r, z.data());
+        factor_overflow |= keep_factors(q.data(), z.data(), n, d, r, a->factors == 2,
+                                        static_cast<uint16_t*>(a->left) + m * n * r,
+                                        static_cast<uint16_t*>(a->right) + m * r * d,
+                                        scratch.data());
+        if (a->lower) {
+          const int64_t j = a->lower;
+          subspace_lower(q.data(), z.data(), n, d, r, j, low_q.data(), low_p.data());
+          factor_overflow |= keep_factors(low_q.data(), low_p.data(), n, d, j, a->factors == 2,
+                                          static_cast<uint16_t*>(a->lower_left) + m * n * j,
+                                          static_cast<uint16_t*>(a->lower_right) + m * j * d,
                                           scratch.data());
         }
       }
