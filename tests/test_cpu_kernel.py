@@ -99,7 +99,9 @@ def test_matches_the_reference(
     assert torch.equal(got.decompress(), reference_decompress(got))
 
 
-@pytest.mark.parametrize("outliers", [0.02, 0.05, 0.3])
+# 0.01 / 0.02 / 0.03: one or two largest and smallest per vector (the kernel's one-scan heap),
+# 0.05 / 0.3: more (a partial sort, a selection)
+@pytest.mark.parametrize("outliers", [0.01, 0.02, 0.03, 0.05, 0.3])
 @pytest.mark.parametrize("outlier_axis", ["token", "channel"])
 @pytest.mark.parametrize("mode", ["signed", "magnitude"])
 def test_tied_outliers_come_out_in_the_reference_order(outliers, outlier_axis, mode):
@@ -111,6 +113,28 @@ def test_tied_outliers_come_out_in_the_reference_order(outliers, outlier_axis, m
         "gear", bits=2, outliers=outliers, outlier_axis=outlier_axis, outlier_mode=mode,
         rank=0, block_size=64,
     )  # fmt: skip
+    assert_matches(compress(x, config), reference_compress(x, config))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    outliers=st.sampled_from([0.01, 0.02, 0.03, 0.05]),
+    mode=st.sampled_from(["signed", "magnitude"]),
+    d=st.sampled_from([64, 128]),
+    step=st.sampled_from([0.0, 1 / 64]),
+)
+def test_outliers_of_register_sized_rows_match_the_reference(seed, outliers, mode, d, step):
+    """Rows of 64 / 128 entries take the kernel's selection in registers (largest two at
+    once): Gaussian values, continuous or on a grid where the extremes sometimes tie."""
+    x = torch.randn(1, 2, 64, d, generator=torch.Generator().manual_seed(seed))
+    if step:
+        x = (x / step).round() * step
+    config = get_preset(
+        "gear", bits=2, outliers=outliers, outlier_axis="token", outlier_mode=mode, rank=0,
+        block_size=64,
+    )  # fmt: skip
+    x = x.half()
     assert_matches(compress(x, config), reference_compress(x, config))
 
 

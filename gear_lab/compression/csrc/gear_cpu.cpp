@@ -6,7 +6,7 @@
 // reference of gear_lab.compression bit for bit where it can:
 //   * outliers: torch.topk(sorted=False) on CPU, i.e. std::partial_sort when k * 64 <= length,
 //     std::nth_element otherwise, on (value, index) pairs; tie-free vectors take a one-pass scan
-//     that yields the same order;
+//     that yields the same order, and k <= 2 replays partial_sort's heap in one scan;
 //   * quantization: float32 min / max per group without outliers, zero rounded down and scale up
 //     to float16, codes round-half-even((x - zero) * (1 / scale)) clamped, packed little endian;
 //   * low rank: seeded subspace iteration with Householder QR (LAPACK's sign convention), left
@@ -145,12 +145,28 @@ int32_t load_matrix(const void* src, int32_t dtype, int64_t count, float* out) {
   const uint16_t* p = static_cast<const uint16_t*>(src);
   const uint16_t exponent = dtype == F16 ? 0x7c00 : 0x7f80;
   uint16_t most = 0;
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (dtype == F16) {  // one pass: converted and checked as the halves are read
+    __m256i top = _mm256_setzero_si256();
+    const __m256i field = _mm256_set1_epi16(0x7c00);
+    for (; i + 16 <= count; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+      top = _mm256_max_epu16(top, _mm256_and_si256(h, field));
+      _mm512_storeu_ps(out + i, _mm512_cvtph_ps(h));
+    }
+    const __m128i half =
+        _mm_max_epu16(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+    // the largest of 8 unsigned words: minpos of their complements
+    most = uint16_t(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(half, _mm_set1_epi16(-1)))));
+  }
+#endif
 #pragma omp simd reduction(max : most)
-  for (int64_t i = 0; i < count; ++i) most = std::max<uint16_t>(most, p[i] & exponent);
+  for (int64_t j = i; j < count; ++j) most = std::max<uint16_t>(most, p[j] & exponent);
   if (dtype == F16) {
-    halves_to_floats(p, out, count);
+    halves_to_floats(p + i, out + i, count - i);
   } else {
-    for (int64_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
+    for (int64_t j = 0; j < count; ++j) out[j] = bf16_to_float(p[j]);
   }
   return most == exponent;
 }
@@ -183,10 +199,34 @@ int32_t load_index(const void* src, int32_t index_bytes, int64_t i) {
 
 using Pair = std::pair<float, int64_t>;
 
+// std::partial_sort's picks for k = 1 or 2 (libstdc++'s __heap_select, then __sort_heap) in
+// one scan of key, ties included: the heap holds t (its top, the worse) and u; an entry better
+// than t replaces it and sifts down (k = 1: the first best entry).
+template <typename Better>
+void heap_top(const float* key, int64_t len, int64_t k, Better better, int32_t* out) {
+  int32_t t = 0, u = 0;
+  if (k == 2) {
+    if (better(key[1], key[0])) u = 1;
+    else t = 1;
+  }
+  for (int32_t i = int32_t(k); i < len; ++i) {
+    if (!better(key[i], key[t])) continue;
+    if (k == 2 && !better(key[u], key[i])) t = std::exchange(u, i);
+    else t = i;
+  }
+  out[0] = k == 2 ? u : t;
+  if (k == 2) out[1] = t;
+}
+
 // The k entries of key[0..len) that torch.topk(k, largest, sorted=False) returns, in its order.
 void topk(const float* key, int64_t len, int64_t k, bool largest, int32_t* out,
           std::vector<Pair>& queue) {
   if (k <= 0) return;
+  if (k <= 2 && k * 64 <= len) {
+    if (largest) heap_top(key, len, k, [](float a, float b) { return a > b; }, out);
+    else heap_top(key, len, k, [](float a, float b) { return a < b; }, out);
+    return;
+  }
   queue.resize(len);
   for (int64_t i = 0; i < len; ++i) queue[i] = Pair(key[i], i);
   auto greater = [](const Pair& a, const Pair& b) { return a.first > b.first; };
@@ -241,24 +281,43 @@ bool select_chunks(const float* x, int32_t hi, int32_t lo, bool magnitude, int32
     const int32_t at = low ? __builtin_ctzll(low) : 64 + __builtin_ctzll(high);
     return __builtin_popcountll(low) + __builtin_popcountll(high) == 1 ? at : -1;
   };
-  float bound = inf;  // the first pass takes every entry (an infinite one too)
+  // lane-wise largest (first) and second largest (second) of v, as a tree: short chains
+  __m512 first[C / 2], second[C / 2];
+  for (int c = 0; c < C / 2; ++c) {
+    first[c] = _mm512_max_ps(v[2 * c], v[2 * c + 1]);
+    second[c] = _mm512_min_ps(v[2 * c], v[2 * c + 1]);
+  }
+  for (int w = C / 4; w >= 1; w /= 2)
+    for (int c = 0; c < w; ++c) {
+      second[c] = _mm512_max_ps(_mm512_min_ps(first[c], first[c + w]),
+                                _mm512_max_ps(second[c], second[c + w]));
+      first[c] = _mm512_max_ps(first[c], first[c + w]);
+    }
+  float bound = _mm512_reduce_max_ps(first[0]);
   for (int32_t j = 0; j < hi; ++j) {
-    __m512 most = _mm512_set1_ps(-inf);
-    for (int c = 0; c < C; ++c)
-      most = _mm512_mask_max_ps(
-          most, j ? _mm512_cmp_ps_mask(v[c], _mm512_set1_ps(bound), _CMP_LT_OQ) : 0xffff, most,
-          v[c]);
-    bound = _mm512_reduce_max_ps(most);
+    if (j == 1) {  // the largest lanes with the first pick's lane's second (a tie fails above)
+      const __mmask16 lane = _mm512_cmp_ps_mask(first[0], _mm512_set1_ps(bound), _CMP_EQ_OQ);
+      bound = _mm512_reduce_max_ps(_mm512_mask_blend_ps(lane, first[0], second[0]));
+    } else if (j > 1) {
+      __m512 most = _mm512_set1_ps(-inf);
+      for (int c = 0; c < C; ++c)
+        most = _mm512_mask_max_ps(
+            most, _mm512_cmp_ps_mask(v[c], _mm512_set1_ps(bound), _CMP_LT_OQ), most, v[c]);
+      bound = _mm512_reduce_max_ps(most);
+    }
     if ((picked[j] = unique(bound)) < 0) return false;
   }
   bound = -inf;
   for (int32_t j = 0; j < lo; ++j) {
-    __m512 least = _mm512_set1_ps(inf);
+    __m512 least[C];
     for (int c = 0; c < C; ++c)
-      least = _mm512_mask_min_ps(
-          least, j ? _mm512_cmp_ps_mask(v[c], _mm512_set1_ps(bound), _CMP_GT_OQ) : 0xffff, least,
-          v[c]);
-    bound = _mm512_reduce_min_ps(least);
+      least[c] = j ? _mm512_mask_blend_ps(
+                         _mm512_cmp_ps_mask(v[c], _mm512_set1_ps(bound), _CMP_GT_OQ),
+                         _mm512_set1_ps(inf), v[c])
+                   : v[c];
+    for (int w = C / 2; w >= 1; w /= 2)
+      for (int c = 0; c < w; ++c) least[c] = _mm512_min_ps(least[c], least[c + w]);
+    bound = _mm512_reduce_min_ps(least[0]);
     const int32_t at = unique(bound);
     for (int32_t t = 0; t < hi; ++t)
       if (picked[t] == at) return false;  // the reference would skip it (set to +inf)
