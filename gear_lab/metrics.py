@@ -17,6 +17,7 @@ Layout: ``[batch, kv_heads, seq, head_dim]`` (queries ``[batch, heads, seq, head
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from gear_lab import native
 from gear_lab.errors import ConfigError, TensorError
 
 if TYPE_CHECKING:
@@ -309,6 +311,11 @@ class AttentionReference:
             visible = self.mask[rows, keys]
             hidden = (~visible).any(0).nonzero().flatten()  # key columns with a masked score
             masked = slice(int(hidden[0]), int(hidden[-1]) + 1) if len(hidden) else slice(0)
+            # each row's visible keys are one range (causal, sliding window)
+            index = torch.arange(visible.shape[1], device=visible.device)
+            lo = torch.where(visible, index, visible.shape[1]).amin(1)
+            hi = torch.where(visible, index, -1).amax(1) + 1
+            ranges = torch.stack([lo, hi]).repeat(1, group).to("cpu", torch.int32)
             for b, h in itertools.product(range(batch), range(kv_heads)):
                 blocks[b][h].append(
                     _Block(
@@ -319,6 +326,7 @@ class AttentionReference:
                         values=self.v[b, h, keys].float(),
                         masked=masked,
                         visible=visible[:, masked].repeat(group, 1).float(),
+                        ranges=ranges,
                     )
                 )
         return blocks
@@ -346,7 +354,8 @@ class _Block:
     rows of each query head of the group: ``queries`` (times the scaling) and ``output``
     ``[rows, d]``, ``probs`` ``[rows, keys]`` over the key positions ``keys`` the rows see,
     ``values`` ``[keys, d]``, and ``visible`` (1 where a row sees the key, else 0) over the
-    columns ``masked`` of ``keys`` that hold a masked score (causal: the last rows' keys)."""
+    columns ``masked`` of ``keys`` that hold a masked score (causal: the last rows' keys), and
+    ``ranges`` int32 ``[2, rows]`` (CPU): each row's first and one-past-last visible key."""
 
     keys: slice
     queries: torch.Tensor
@@ -355,6 +364,7 @@ class _Block:
     values: torch.Tensor
     masked: slice
     visible: torch.Tensor
+    ranges: torch.Tensor
 
 
 def _block_error(
@@ -372,6 +382,28 @@ def _block_error(
         zero = torch.zeros_like(out2)
         return torch.stack([zero, zero, zero, out2]), torch.zeros_like(out2, dtype=torch.bool)
     d = torch.matmul(block.queries, dk.transpose(-1, -2))  # [configs, rows, keys]
+    rows = _compiled_rows(block, d) if d.device.type == "cpu" else None
+    if rows is None:
+        rows = _torch_rows(block, d)
+    score2, kl, dp, w, z, big = rows
+    norm = (1 + z.double()).squeeze(-1)
+    out = torch.matmul(w, block.values).sub_(z * block.output)
+    if dv is not None:
+        out += torch.matmul(w + p, dv)
+    out2 = out.square().sum(-1, dtype=torch.float64)
+    sums = [score2, kl, (dp.double() / norm).sum(-1), (out2 / norm.square()).sum(-1)]
+    return torch.stack(sums), big
+
+
+_Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _torch_rows(block: _Block, d: torch.Tensor) -> _Rows:
+    """From the score errors ``d`` ``[configs, rows, keys]`` (overwritten): float64
+    ``[configs]`` sums of the score error^2 and of KL, float32 ``[configs, rows]`` of
+    ``|p_hat - p| (1 + z)``, ``w = p expm1(x)`` ``[configs, rows, keys]``, ``z``
+    ``[configs, rows, 1]`` and the bool ``[configs]`` shift flag (see ``_block_error``)."""
+    p = block.probs
     d[..., block.masked].mul_(block.visible)  # (masked_fill_ is several times slower)
     score2 = torch.linalg.vecdot(d, d).sum(-1, dtype=torch.float64)
     x = d.sub_(torch.linalg.vecdot(d, p).unsqueeze(-1))  # x = d - m
@@ -388,14 +420,39 @@ def _block_error(
     kl = torch.log1p(torch.linalg.vecdot(phi, p).double()).sum(-1)
     w = e.mul_(p)  # p expm1(x) = (1 + z) p_hat - p
     z = w.sum(-1, keepdim=True)
-    norm = (1 + z.double()).squeeze(-1)
     dp = torch.addcmul(w, p, z, value=-1.0).abs_().sum(-1)  # (vector_norm is slower)
-    out = torch.matmul(w, block.values).sub_(z * block.output)
-    if dv is not None:
-        out += torch.matmul(w + p, dv)
-    out2 = out.square().sum(-1, dtype=torch.float64)
-    sums = [score2, kl, (dp.double() / norm).sum(-1), (out2 / norm.square()).sum(-1)]
-    return torch.stack(sums), big
+    return score2, kl, dp, w, z, big
+
+
+class _AttentionRowsArgs(ctypes.Structure):
+    """``AttentionRowsArgs`` of ``csrc/attention.cpp``."""
+
+    _fields_ = [
+        ("d", ctypes.c_void_p), ("p", ctypes.c_void_p), ("lo", ctypes.c_void_p),
+        ("hi", ctypes.c_void_p), ("configs", ctypes.c_int64), ("rows", ctypes.c_int64),
+        ("keys", ctypes.c_int64), ("out", ctypes.c_void_p), ("max_shift", ctypes.c_float),
+        ("threads", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+def _compiled_rows(block: _Block, d: torch.Tensor) -> _Rows | None:
+    """:func:`_torch_rows` in one compiled pass per row (``csrc/attention.cpp``: 1.6x faster
+    error_stack on keys), or ``None`` where the library cannot run."""
+    lib = native.library()
+    if lib is None:
+        return None
+    configs, rows, keys = d.shape
+    d = d.contiguous()
+    out = torch.empty(5, configs, rows, dtype=torch.float32)
+    args = _AttentionRowsArgs(
+        d.data_ptr(), block.probs.data_ptr(), block.ranges[0].data_ptr(),
+        block.ranges[1].data_ptr(), configs, rows, keys, out.data_ptr(), _MAX_SHIFT,
+        max(1, min(torch.get_num_threads(), configs * rows)),
+    )  # fmt: skip
+    lib.gear_attention_rows(ctypes.byref(args))
+    score2, phi, z, dp, flag = out
+    kl = torch.log1p(phi.double()).sum(-1)
+    return score2.sum(-1, dtype=torch.float64), kl, dp, d, z.unsqueeze(-1), flag.amax(-1) > 0
 
 
 def _scores(

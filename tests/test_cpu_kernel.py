@@ -11,6 +11,7 @@ from compress_helpers import make_tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gear_lab import native
 from gear_lab.compression import (
     Compressed,
     CompressionConfig,
@@ -260,8 +261,8 @@ def test_failed_build_falls_back_with_one_notice(monkeypatch):
     def broken() -> None:
         raise OSError("c++ failed: simulated")
 
-    monkeypatch.setattr(cpu_kernel, "_load", broken)
-    cpu_kernel._library.cache_clear()
+    monkeypatch.setattr(native, "_load", broken)
+    native._built.cache_clear()
     try:
         x = make_tensor(1, (1, 2, 64, 32), torch.float16)
         config = get_preset("gear", bits=2, rank=2, outliers=0.05, block_size=32)
@@ -273,7 +274,7 @@ def test_failed_build_falls_back_with_one_notice(monkeypatch):
         assert "simulated" in cpu_kernel.kernel_unavailable_reason()
         assert_matches(first, reference_compress(x, config))
     finally:
-        cpu_kernel._library.cache_clear()
+        native._built.cache_clear()
 
 
 def test_portable_build_matches_the_reference(monkeypatch, tmp_path):
@@ -282,11 +283,11 @@ def test_portable_build_matches_the_reference(monkeypatch, tmp_path):
     import platform
 
     march = "-march=x86-64" if platform.machine() in ("x86_64", "AMD64") else "-O3"
-    flags = [march if f == "-march=native" else f for f in cpu_kernel._FLAGS]
-    monkeypatch.setattr(cpu_kernel, "_FLAGS", flags)
-    monkeypatch.setattr(cpu_kernel, "_build_dir", lambda: tmp_path)
-    portable = cpu_kernel._load()
-    monkeypatch.setattr(cpu_kernel, "_library", lambda: (portable, None))
+    flags = [march if f == "-march=native" else f for f in native.FLAGS]
+    monkeypatch.setattr(native, "FLAGS", flags)
+    monkeypatch.setattr(native, "_build_dir", lambda: tmp_path)
+    portable = native._load()
+    monkeypatch.setattr(native, "library", lambda: portable)
     for outliers, axis in ((0.02, "token"), (0.05, "channel")):
         config = get_preset(
             "gear", bits=2, group_size=64, outliers=outliers, outlier_axis=axis, rank=2,

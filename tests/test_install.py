@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from gear_lab import native
 from gear_lab.studio import DUMP_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,5 +134,5 @@ def test_a_plain_install_ships_the_compiled_cpu_path(installed: Path, tmp_path: 
     )
     module, reason = out.stdout.strip().splitlines()
     assert Path(module).is_relative_to(installed)
-    assert (installed / "gear_lab" / "compression" / "csrc" / "gear_cpu.cpp").is_file()
+    assert all((installed / "gear_lab" / "csrc" / name).is_file() for name in native.SOURCES)
     assert reason == "None", reason

@@ -1,7 +1,10 @@
-"""AttentionReference.error_stack (float32 on differences) against the exact float64 error."""
+"""AttentionReference.error_stack (float32 on differences) against the exact float64 error,
+with its per-row sums compiled (``csrc/attention.cpp``) and in torch (forced by
+``native.reference()``)."""
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -9,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gear_lab import metrics
+from gear_lab import metrics, native
 from gear_lab.errors import TensorError
 
 COLUMNS = ("score_rel", "kl", "tv", "output_rel")
@@ -18,6 +21,20 @@ COLUMNS = ("score_rel", "kl", "tv", "output_rel")
 # nearly coincide across its keys, which tiny random rows allow (worst seen ~1e-4 in 10^4
 # cases); atol covers metrics ~1e-14 and below (a p_hat - p of a few ulps of float64).
 RTOL, ATOL = 1e-3, 1e-13
+
+
+COMPILED_MISSING = native.unavailable_reason()
+IMPLS = [
+    pytest.param(
+        "compiled", marks=pytest.mark.skipif(COMPILED_MISSING is not None, reason="no library")
+    ),
+    "torch",
+]
+
+
+def _impl(name: str) -> contextlib.AbstractContextManager:
+    """Within the block, error_stack's row sums run compiled or (forced) in torch."""
+    return native.reference() if name == "torch" else contextlib.nullcontext()
 
 
 def _tensor(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -39,6 +56,7 @@ def _assert_close(fast, exact, rtol=RTOL, atol=ATOL):
         assert got == pytest.approx(want, rel=rtol, abs=atol), (c, got, want)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=40, deadline=None)
 @given(
     b=st.integers(1, 2),
@@ -57,6 +75,7 @@ def _assert_close(fast, exact, rtol=RTOL, atol=ATOL):
     seed=st.integers(0, 2**16),
 )
 def test_error_stack_matches_exact_error(
+    impl,
     b,
     kv_heads,
     group,
@@ -86,6 +105,7 @@ def test_error_stack_matches_exact_error(
     with (
         mock.patch.object(metrics, "_BLOCK_ROWS", block_rows),
         mock.patch.object(metrics, "_TILE_SCORES", tile),
+        _impl(impl),
     ):
         ref = metrics.attention_reference(q, k, v, sliding_window=window)
         fast = ref.error_stack(k_hat, v_hat, kv_heads=sel)
@@ -93,10 +113,12 @@ def test_error_stack_matches_exact_error(
     _assert_close(fast, _exact(ref, k_hat, v_hat, sel, configs))
 
 
-def test_error_stack_on_a_real_shape_and_tiny_errors():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_error_stack_on_a_real_shape_and_tiny_errors(impl):
     """512 positions, 3 query heads per KV head, peaked scores, and key errors down to 1e-6
     relative: KL ~1e-12, which phi = expm1(x) - x alone (no Taylor blend) is off by ~2e-4;
-    here the tolerance is the design's 1e-5."""
+    here the tolerance is the design's 1e-5. Score shifts of 1.0 relative reach |x| ~ 10 (the
+    compiled expm1's 2^n branch)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (
         3 * _tensor(gen, 1, 6, 512, 64),
@@ -106,7 +128,8 @@ def test_error_stack_on_a_real_shape_and_tiny_errors():
     ref = metrics.attention_reference(q, k, v)
     scales = torch.tensor([1e-6, 1e-4, 1e-2, 1.0]).view(4, 1, 1, 1, 1)
     k_hat = k + scales * _tensor(gen, 4, *k.shape)
-    fast = ref.error_stack(k_hat=k_hat)
+    with _impl(impl):
+        fast = ref.error_stack(k_hat=k_hat)
     exact = _exact(ref, k_hat, None, None, 4)
     assert exact[0]["kl"] < 1e-11
     _assert_close(fast, exact, rtol=1e-5)
@@ -162,3 +185,28 @@ def test_error_stack_on_cuda_matches_cpu():
     for name in COLUMNS:
         assert gpu[name].device.type == "cuda"
         torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.skipif(COMPILED_MISSING is not None, reason=f"no library: {COMPILED_MISSING}")
+@pytest.mark.parametrize("shift", [1e-3, 0.3, 3.0, 40.0, 80.0])
+def test_compiled_rows_match_the_torch_rows(shift):
+    """Row by row, across the compiled expm1's ranges (|x| < ln2 / 2, its 2^n branch up to the
+    limit of 60, and beyond: flagged): the same sums, w = p expm1(x) and z = sum w as torch's
+    (w to float32 rounding of its largest entry, as x = d - m cancels, z to that of sum |w|)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _tensor(gen, 1, 6, 96, 16), _tensor(gen, 1, 2, 96, 16), _tensor(gen, 1, 2, 96, 16)
+    ref = metrics.attention_reference(q, k, v, sliding_window=50)
+    for block in ref._blocks[0][1]:
+        dk = shift * _tensor(gen, 3, block.values.shape[0], 16) / 4
+        d = torch.matmul(block.queries, dk.transpose(-1, -2))
+        compiled = metrics._compiled_rows(block, d.clone())
+        with native.reference():
+            assert metrics._compiled_rows(block, d.clone()) is None
+        expected = metrics._torch_rows(block, d.clone())
+        names = ("score2", "kl", "tv", "w", "z")
+        for name, got, want in zip(names, compiled[:5], expected[:5], strict=True):
+            w = expected[3].abs()
+            scale = {"w": float(w.max()), "z": float(w.sum(-1).max())}.get(name, 0.0)
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6 * scale, msg=name)
+        assert torch.equal(compiled[5], expected[5])
+        assert compiled[5].any() == (shift > 60)

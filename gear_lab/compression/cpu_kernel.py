@@ -14,35 +14,24 @@ Where the reference would warn or raise (NaN / Inf input, scales beyond float16,
 below its resolution), the call is handed to the reference, which does; the kernel checks its
 input for NaN / Inf itself, so the caller need not.
 
-The C++ source (``csrc/gear_cpu.cpp``, shipped as package data) is compiled once with the
-system compiler (``$CXX``, else ``c++``) into ``<gear-lab cache>/ext`` and loaded with
-:mod:`ctypes`; no build tool beyond the compiler is needed. Where that fails, one warning names
-the reason and the torch reference is used. ``GEAR_LAB_KERNEL=reference`` (or
-``with reference():``) forces the reference, e.g. to compare the two.
+The C++ source is ``gear_lab/csrc/gear_cpu.cpp``, built and loaded by :mod:`gear_lab.native`:
+where that fails, one warning names the reason and the torch reference is used.
+``GEAR_LAB_KERNEL=reference`` (or ``with reference():``) forces the reference, e.g. to compare
+the two.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import fields
-from importlib.resources import files
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from gear_lab import native
 from gear_lab.compression.config import TensorCompression
 from gear_lab.compression.lowrank import LowRank, gaussian_start
 from gear_lab.compression.outliers import Outliers, index_dtype, outlier_count
@@ -51,7 +40,9 @@ from gear_lab.compression.quantize import Quantized, leading_like
 if TYPE_CHECKING:
     from gear_lab.compression.gear import Compressed
 
-KERNEL_ENV = "GEAR_LAB_KERNEL"
+KERNEL_ENV = native.KERNEL_ENV
+reference = native.reference  # within the block, the torch reference runs
+
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _FACTORS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _KEPT = {torch.float16: 1, torch.bfloat16: 2}  # factors the kernel balances and rounds itself
@@ -60,8 +51,6 @@ _HANDLED = frozenset(
     {"bits", "axis", "group_size", "outliers", "outlier_mode", "outlier_axis", "rank", "loops"}
     | {"lowrank", "seed", "factor_dtype"}
 )
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-_forced_reference: ContextVar[bool] = ContextVar("gear_lab_forced_reference", default=False)
 
 _p = ctypes.c_void_p
 _i32, _i64 = ctypes.c_int32, ctypes.c_int64
@@ -91,96 +80,10 @@ class _DecompressArgs(ctypes.Structure):
     ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def reference() -> Iterator[None]:
-    """Within the block, compression and decompression run the torch reference."""
-    token = _forced_reference.set(True)
-    try:
-        yield
-    finally:
-        _forced_reference.reset(token)
-
-
-def _enabled() -> bool:
-    return not _forced_reference.get() and os.environ.get(KERNEL_ENV, "auto") != "reference"
-
-
-def _build_dir() -> Path:
-    from gear_lab.models import cache_dir
-
-    return cache_dir() / "ext"
-
-
-def _compiler() -> str:
-    cxx = os.environ.get("CXX", "c++")
-    path = shutil.which(cxx)
-    if path is None:
-        raise OSError(f"no C++ compiler found ({cxx})")
-    return path
-
-
-def _machine() -> str:
-    """What ``-march=native`` depends on: the CPU's model and flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _load() -> ctypes.CDLL:
-    """Compile (once per source, compiler and CPU) and load the library."""
-    source = files("gear_lab.compression").joinpath("csrc", "gear_cpu.cpp").read_bytes()
-    cxx = _compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
-    digest = hashlib.sha256(
-        b"\0".join(
-            [source, " ".join(_FLAGS).encode(), version.stdout.encode(), _machine().encode()]
-        )
-    ).hexdigest()[:16]
-    folder = _build_dir()
-    target = folder / f"gear_cpu-{digest}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src = Path(tmp) / "gear_cpu.cpp"
-            src.write_bytes(source)
-            built = Path(tmp) / target.name
-            cmd = [cxx, *_FLAGS, "-std=c++17", "-shared", "-fPIC", str(src), "-o", str(built)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-                raise OSError(f"{Path(cxx).name} failed: {lines[0]}")
-            os.replace(built, target)  # atomic: concurrent builders agree
-    lib = ctypes.CDLL(str(target))
-    for name in ("gear_compress", "gear_decompress"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p]
-        getattr(lib, name).restype = ctypes.c_int
-    return lib
-
-
-@functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    """(library, None), or (None, why not) after one warning."""
-    try:
-        return _load(), None
-    except (OSError, subprocess.SubprocessError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        warnings.warn(
-            f"gear-lab: compiled CPU kernel unavailable ({reason}); using the torch reference",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None, reason
-
-
 def kernel_unavailable_reason() -> str | None:
     """``None`` when the compiled CPU path can run (building it on first call), else why not
     (one line): forced off, or the build / load failed."""
-    if not _enabled():
-        return f"forced off ({KERNEL_ENV}=reference or reference())"
-    return _library()[1]
+    return native.unavailable_reason()
 
 
 def _covers(tc: TensorCompression, ranks: Sequence[int]) -> bool:
@@ -231,10 +134,9 @@ def compress_body(
         or body.dtype not in _DTYPES
         or not _covers(tc, ranks)
         or body.shape[-1] * body.shape[-2] % 8
-        or not _enabled()
     ):
         return None
-    lib = _library()[0]
+    lib = native.library()
     if lib is None:
         return None
     n, d = body.shape[-2:]
@@ -309,10 +211,9 @@ def decompress_body(c: Compressed, into: Tensor | None = None) -> Tensor | None:
             and (low.left_scale is not None or low.left.dtype not in _FACTORS.values())
         )
         or c.body_shape[-1] * c.body_shape[-2] % 8
-        or not _enabled()
     ):
         return None
-    lib = _library()[0]
+    lib = native.library()
     if lib is None:
         return None
     n, d = c.body_shape[-2:]
