@@ -1,9 +1,9 @@
 // Compiled CPU path of block-wise GEAR (Kang et al. 2024): X_hat = D + L + S per [n, d] matrix.
 //
 // Built once with the system C++ compiler by gear_lab/native.py (one library with attention.cpp)
-// and called through ctypes by gear_lab/compression/cpu_kernel.py. Every function works on M independent [n, d] matrices (the blocks of
-// [batch, kv_heads, seq, head_dim]), one OpenMP task per matrix, and reproduces the torch
-// reference of gear_lab.compression bit for bit where it can:
+// and called through ctypes by gear_lab/compression/cpu_kernel.py. Every function works on M
+// independent [n, d] matrices (the blocks of [batch, kv_heads, seq, head_dim]), one OpenMP task
+// per matrix, and reproduces the torch reference of gear_lab.compression bit for bit where it can:
 //   * outliers: torch.topk(sorted=False) on CPU, i.e. std::partial_sort when k * 64 <= length,
 //     std::nth_element otherwise, on (value, index) pairs; tie-free vectors take a one-pass scan
 //     that yields the same order, and k <= 2 replays partial_sort's heap in one scan;
