@@ -11,6 +11,10 @@
   (``ray.init`` and N workers importing torch and gear-lab) is timed apart and left out; the
   serial sweep runs with torch's default threads (what a user gets) and again with one thread,
   as each Ray worker runs. Target: >= 1.7x the serial throughput.
+- ``filed``: the same serial sweep with the package as it was at ``--filed-at`` (default
+  236fc56, the commit issue 17 was filed against; unpacked with ``git archive``) and with this
+  tree, each in a fresh process after a one-layer warm-up, back to back; the tables are checked
+  equal on their shared columns. Target: >= 10x.
 
     python benchmarks/sweep_scale.py DUMP.h5 [DUMP.h5 ...] [--layers 0-7] [--parts batch,ranks]
 """
@@ -18,7 +22,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +44,25 @@ from gear_lab.sweeps import parse_grid, sweep
 
 # 5 presets x 2 bit widths x 4 ranks = 40 distinct configs
 GRID = "method=gear,gear-l,gear-kcvt,kcvt,kivi;bits=2,4;rank=0,2,4,8"
-PARTS = ("batch", "ranks", "ray")
-TARGETS = {"batch": 10.0, "ranks": 1.5, "ray": 1.7}
+PARTS = ("batch", "ranks", "ray", "filed")
+TARGETS = {"batch": 10.0, "ranks": 1.5, "ray": 1.7, "filed": 10.0}
+FILED_AT = "236fc56"  # the commit issue 17 was filed against
+REPO = Path(__file__).resolve().parent.parent
+# one timed sweep in a fresh process, with the gear_lab package found first on sys.path
+_TIMED_SWEEP = """
+import json, pickle, sys, time
+import torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+from gear_lab.sweeps import parse_grid, sweep
+options = dict(grid=parse_grid(spec["grid"]), progress=False)
+sweep(spec["dumps"][0], layers=[spec["layers"][0]], **options)  # warm-up
+start = time.perf_counter()
+table = sweep(spec["dumps"], layers=spec["layers"], **options)
+seconds = time.perf_counter() - start
+table.to_pickle(spec["out"])
+print(json.dumps({"seconds": seconds, "package": sys.modules["gear_lab"].__file__}))
+"""
 # the batched table equals the one-at-a-time table: reconstruction columns to float64 summation
 # order, attention columns (float32 on differences, AttentionReference.error_stack) to ~1e-6 by
 # design (measured <= 7e-8 relative on the SmolLM2 dump, 30 layers)
@@ -154,6 +177,57 @@ def ray_part(dumps: list[Path], options: dict[str, Any], workers: int) -> None:
     print(f"speed-up over serial with 1 thread: {one_thread_s / ray_s:.2f}x")
 
 
+def _sweep_with(package_root: Path, spec: dict[str, Any], out: Path) -> tuple[pd.DataFrame, float]:
+    """One timed sweep in a fresh process importing gear_lab from ``package_root``."""
+    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    args = [sys.executable, "-c", _TIMED_SWEEP, json.dumps({**spec, "out": str(out)})]
+    done = subprocess.run(args, env=env, cwd=package_root, capture_output=True, text=True)
+    if done.returncode:
+        raise GearLabError(f"sweep with {package_root} failed: {done.stderr.strip()[-500:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["package"]).is_relative_to(package_root):
+        raise GearLabError(f"imported {result['package']}, not the package in {package_root}")
+    return pd.read_pickle(out), result["seconds"]
+
+
+def filed_part(dumps: list[Path], layers: str, grid: str, revision: str) -> None:
+    """The sweep with the package at ``revision`` next to this tree's, in fresh processes."""
+    spec = dict(
+        dumps=[str(d.resolve()) for d in dumps], layers=_layers(dumps[0], layers), grid=grid,
+        threads=torch.get_num_threads(),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        old_root = Path(tmp) / "filed"
+        old_root.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", revision, "gear_lab"], capture_output=True
+        )
+        if archive.returncode:
+            raise GearLabError(f"git archive {revision}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(old_root)], input=archive.stdout, check=True)
+        old, old_s = _sweep_with(old_root, spec, Path(tmp) / "old.pkl")
+        new, new_s = _sweep_with(REPO, spec, Path(tmp) / "new.pkl")
+    # rank 0 must match to TOLERANCE; the largest rank to the compiled power iteration's float32
+    # rounding (1e-3); smaller ranks now come from the largest one's subspace (compress_ranks),
+    # no longer from a power iteration of their own: those rows differ by design
+    shared = [c for c in old.columns if c in new.columns]
+    checked = 0
+    for rank, tolerance in ((0, TOLERANCE), (new["rank"].max(), {**TOLERANCE, "rtol": 1e-3})):
+        rows = (new["rank"] == rank).to_numpy()
+        pd.testing.assert_frame_equal(
+            new.loc[rows, shared], old.loc[rows, shared], check_index_type=False, **tolerance
+        )
+        checked += int(rows.sum())
+    rows = len(new)
+    print(f"at {revision:<10s}    {old_s:7.1f} s  {rows / old_s:7.1f} rows/s")
+    print(f"this tree        {new_s:7.1f} s  {rows / new_s:7.1f} rows/s")
+    ratio = old_s / new_s
+    print(
+        f"speed-up {ratio:.2f}x {_verdict('filed', ratio)}; {checked} rows (rank 0 and the "
+        f"largest) equal on {len(shared)} shared columns"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dumps", nargs="+", type=Path, help="dumps to sweep (one table)")
@@ -164,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    parser.add_argument(
+        "--filed-at", default=FILED_AT, help=f"git revision of the filed part (default: {FILED_AT})"
+    )
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or set(parts) - set(PARTS):
@@ -181,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch_part(args.dumps, options)
             elif part == "ranks":
                 ranks_part(args.dumps, args.layers, grid)
+            elif part == "filed":
+                filed_part(args.dumps, args.layers, args.grid, args.filed_at)
             else:
                 ray_part(args.dumps, options, args.workers)
     except GearLabError as err:
