@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-# before torch loads: idle OpenMP threads sleep instead of spinning (see gear_lab/__init__.py);
-# spinning threads slow a 2-core machine shared with other processes ~10x
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# before torch loads: gear_lab's OpenMP wait policy (idle threads spin briefly, then sleep; see
+# gear_lab/__init__.py): spinning threads slow a 2-core machine shared with other processes ~10x
+import gear_lab  # noqa: F401
 
+# isort: split
 import torch
 
 # Triton reads TRITON_INTERPRET when a kernel module is first imported (by any test module at
