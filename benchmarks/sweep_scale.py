@@ -13,8 +13,10 @@
   as each Ray worker runs. Target: >= 1.7x the serial throughput.
 - ``filed``: the same serial sweep with the package as it was at ``--filed-at`` (default
   236fc56, the commit issue 17 was filed against; unpacked with ``git archive``) and with this
-  tree, each in a fresh process after a one-layer warm-up, back to back; the tables are checked
-  equal on their shared columns. Target: >= 10x.
+  tree, each in a fresh process after a one-layer warm-up, back to back, importing gear_lab
+  before torch as its CLI does (so each tree sets its own OpenMP wait policy: this script clears
+  ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` for them); the tables are checked equal on their
+  shared columns. Target: >= 10x.
 
     python benchmarks/sweep_scale.py DUMP.h5 [DUMP.h5 ...] [--layers 0-7] [--parts batch,ranks]
 """
@@ -51,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 # one timed sweep in a fresh process, with the gear_lab package found first on sys.path
 _TIMED_SWEEP = """
 import json, pickle, sys, time
+import gear_lab
 import torch
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
@@ -179,7 +182,8 @@ def ray_part(dumps: list[Path], options: dict[str, Any], workers: int) -> None:
 
 def _sweep_with(package_root: Path, spec: dict[str, Any], out: Path) -> tuple[pd.DataFrame, float]:
     """One timed sweep in a fresh process importing gear_lab from ``package_root``."""
-    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(package_root)
     args = [sys.executable, "-c", _TIMED_SWEEP, json.dumps({**spec, "out": str(out)})]
     done = subprocess.run(args, env=env, cwd=package_root, capture_output=True, text=True)
     if done.returncode:
