@@ -150,7 +150,6 @@ class AttentionReference:
     softcap: float | None
     mask: torch.Tensor  # [seq, seq] bool, True where query i may attend key j
     scores: torch.Tensor  # [batch, kv_heads, group, seq, seq], masked entries 0
-    log_probs: torch.Tensor  # same shape; masked entries -inf
     probs: torch.Tensor  # same shape; masked entries 0
     output: torch.Tensor  # [batch, kv_heads, group, seq, d]
 
@@ -330,6 +329,12 @@ class AttentionReference:
                     )
                 )
         return blocks
+
+    @functools.cached_property
+    def log_probs(self) -> torch.Tensor:
+        """``log p`` ``[batch, kv_heads, group, seq, seq]``, masked entries -inf (computed on
+        first use: only :meth:`error` needs it)."""
+        return torch.log_softmax(self.scores.masked_fill(~self.mask, -math.inf), dim=-1)
 
     @functools.cached_property
     def _constants(self) -> dict[str, torch.Tensor]:
@@ -512,10 +517,9 @@ def attention_reference(
     mask = _attention_mask(seq, sliding_window, q.device)
     scores = _scores(q64, k64, scale, softcap).masked_fill(~mask, 0.0)
     masked = scores.masked_fill(~mask, -math.inf)
-    log_probs = torch.log_softmax(masked, dim=-1)
     probs = torch.softmax(masked, dim=-1)  # as AttentionReference.error computes p_hat
     output = torch.matmul(probs, v64.unsqueeze(2))
-    return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, log_probs, probs, output)
+    return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, probs, output)
 
 
 def attention_error(
