@@ -302,8 +302,7 @@ def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]
             x = dump.load(kind, task.layer, sample=task.sample, device=device, dtype=job.dtype)
             kind_ref = None if kind == "keys_pre_rope" else ref  # pre-RoPE keys: no attention
             settings = {i: _settings(job.configs[i], kind) for i in task.configs}
-            for head, i, packed, measured in measure(job, task, kind, x[None], kind_ref):
-                nbytes = packed.nbytes
+            for head, i, (nbytes, numel), measured in measure(job, task, kind, x[None], kind_ref):
                 rows.append(
                     {
                         "model": task.model,
@@ -316,15 +315,16 @@ def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]
                         "config_index": i,
                         **settings[i],
                         "nbytes": nbytes,
-                        "numel": packed.numel,
-                        "bits_per_entry": 8 * nbytes / packed.numel,
+                        "numel": numel,
+                        "bits_per_entry": 8 * nbytes / numel,
                         **measured,
                     }
                 )
     return rows
 
 
-_Measured: TypeAlias = Iterator[tuple[int, int, Compressed, dict[str, float]]]
+# (head, config index, (stored bytes, entries) of the head's Compressed, metrics)
+_Measured: TypeAlias = Iterator[tuple[int, int, tuple[int, int], dict[str, float]]]
 
 
 def _measure_alone(
@@ -334,8 +334,8 @@ def _measure_alone(
     x: torch.Tensor,
     ref: metrics.AttentionReference | None,
 ) -> _Measured:
-    """``(head, config index, Compressed, metrics)`` per head and config of the task, each
-    head compressed alone and each config measured alone (least memory)."""
+    """``(head, config index, (nbytes, numel), metrics)`` per head and config of the task,
+    each head compressed alone and each config measured alone (least memory)."""
     for head in task.heads:
         part = x if head < 0 else x[:, head : head + 1]
         sel = None if head < 0 else slice(head, head + 1)
@@ -345,7 +345,8 @@ def _measure_alone(
             if ref is not None:
                 replaced = {"k_hat" if kind == "keys" else "v_hat": x_hat}
                 att = ref.error(**replaced, kv_heads=sel)
-            yield head, i, packed, {**metrics.reconstruction(part, x_hat), **att}
+            sizes = (packed.nbytes, packed.numel)
+            yield head, i, sizes, {**metrics.reconstruction(part, x_hat), **att}
 
 
 def _measure_batched(
@@ -369,10 +370,13 @@ def _measure_batched(
         x_hat = torch.stack([p.decompress() for _, p in packed[start : start + step]])
         for name, values in _stack_metrics(task, kind, stack, x_hat, ref).items():
             columns[name] += values
+    # every head's selection holds the same bytes (select takes dim 0 of every kept tensor), so
+    # the first head's selection gives each head's stored size
+    first = torch.tensor([0], device=x.device)
+    sizes = [p if whole else p.select(first) for _, p in packed]
     for u, head in enumerate(task.heads):
-        index = torch.tensor([u], device=x.device)
-        for c, (i, compressed) in enumerate(packed):
-            one = compressed if whole else compressed.select(index)
+        for c, (i, _) in enumerate(packed):
+            one = (sizes[c].nbytes, sizes[c].numel)
             yield head, i, one, {name: values[c][u] for name, values in columns.items()}
 
 
