@@ -127,3 +127,34 @@ def test_get_executor():
         RayExecutor(address="")
     with pytest.raises(ConfigError, match="configs_per_task"):
         sweep("unused.h5", GRID, configs_per_task=0)
+
+
+def test_a_worker_keeps_its_last_dumps_open_and_reopens_a_changed_file(smol_dump, tmp_path):
+    """What a task that runs elsewhere does: its (empty, unpickled) open-dump table opens the
+    dump once per worker, reopens it when the file changes, and keeps at most a few open."""
+    import os
+    import pickle
+
+    copies = []
+    for i in range(sweep_module._WORKER_DUMPS + 1):
+        copies.append(tmp_path / f"copy{i}.h5")
+        shutil.copy(smol_dump, copies[-1])
+    sweep_module._worker_dumps.clear()
+    remote = pickle.loads(pickle.dumps(sweep_module._OpenDumps()))
+    path = str(copies[0])
+    mtime = os.stat(path).st_mtime_ns
+    with remote.get_dump(path, mtime) as first:
+        pass
+    with remote.get_dump(path, mtime) as again:
+        assert again is first
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # the file changed
+    with remote.get_dump(path, mtime) as changed:
+        assert changed is not first and changed.layers == first.layers
+    for copy in copies[1:]:
+        with remote.get_dump(str(copy), os.stat(copy).st_mtime_ns):
+            pass
+    assert len(sweep_module._worker_dumps) == sweep_module._WORKER_DUMPS
+    assert all(str(copies[0]) != key[0] for key in sweep_module._worker_dumps)
+    for dump in sweep_module._worker_dumps.values():
+        dump.close()
+    sweep_module._worker_dumps.clear()
