@@ -78,6 +78,13 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def _timings(rows: int, before: tuple[str, float], after: tuple[str, float]) -> float:
+    """Print each (label, seconds) with its rows per second; return the speed-up."""
+    for label, seconds in (before, after):
+        print(f"{label:<16s} {seconds:7.1f} s  {rows / seconds:7.1f} rows/s")
+    return before[1] / after[1]
+
+
 def _verdict(part: str, ratio: float) -> str:
     target = TARGETS[part]
     met = ratio <= target if part == "ranks" else ratio >= target
@@ -96,10 +103,7 @@ def batch_part(dumps: list[Path], options: dict[str, Any]) -> None:
     alone, alone_s = _timed(lambda: sweep(dumps, batch=False, **options))
     batched, batched_s = _timed(lambda: sweep(dumps, **options))
     pd.testing.assert_frame_equal(batched, alone, **TOLERANCE)
-    rows = len(batched)
-    print(f"one at a time    {alone_s:7.1f} s  {rows / alone_s:7.1f} rows/s  (batch=False)")
-    print(f"batched          {batched_s:7.1f} s  {rows / batched_s:7.1f} rows/s  (batch=True)")
-    ratio = alone_s / batched_s
+    ratio = _timings(len(batched), ("one at a time", alone_s), ("batched", batched_s))
     print(
         f"speed-up {ratio:.1f}x {_verdict('batch', ratio)}; tables equal to rtol {TOLERANCE['rtol']:g}"
     )
@@ -217,15 +221,13 @@ def filed_part(dumps: list[Path], layers: str, grid: str, revision: str) -> None
     shared = [c for c in old.columns if c in new.columns]
     checked = 0
     for rank, tolerance in ((0, TOLERANCE), (new["rank"].max(), {**TOLERANCE, "rtol": 1e-3})):
-        rows = (new["rank"] == rank).to_numpy()
+        selected = (new["rank"] == rank).to_numpy()
         pd.testing.assert_frame_equal(
-            new.loc[rows, shared], old.loc[rows, shared], check_index_type=False, **tolerance
-        )
-        checked += int(rows.sum())
-    rows = len(new)
-    print(f"at {revision:<10s}    {old_s:7.1f} s  {rows / old_s:7.1f} rows/s")
-    print(f"this tree        {new_s:7.1f} s  {rows / new_s:7.1f} rows/s")
-    ratio = old_s / new_s
+            new.loc[selected, shared], old.loc[selected, shared], check_index_type=False,
+            **tolerance,
+        )  # fmt: skip
+        checked += int(selected.sum())
+    ratio = _timings(len(new), (f"at {revision}", old_s), ("this tree", new_s))
     print(
         f"speed-up {ratio:.2f}x {_verdict('filed', ratio)}; {checked} rows (rank 0 and the "
         f"largest) equal on {len(shared)} shared columns"
