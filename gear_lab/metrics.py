@@ -141,7 +141,9 @@ class AttentionReference:
 
     Queries are grouped by KV head: ``q`` of ``[batch, heads, seq, d]`` is viewed as
     ``[batch, kv_heads, group, seq, d]`` so that query head ``h`` reads KV head
-    ``h // group`` (transformers' ``repeat_kv``). All tensors are float64.
+    ``h // group`` (transformers' ``repeat_kv``). All tensors are float64. The full ``scores``,
+    ``probs`` and ``output`` are computed on first use (by :meth:`error`); :meth:`error_stack`
+    computes only the causal blocks it reads.
     """
 
     q: torch.Tensor  # [batch, kv_heads, group, seq, d]
@@ -150,9 +152,21 @@ class AttentionReference:
     scaling: float
     softcap: float | None
     mask: torch.Tensor  # [seq, seq] bool, True where query i may attend key j
-    scores: torch.Tensor  # [batch, kv_heads, group, seq, seq], masked entries 0
-    probs: torch.Tensor  # same shape; masked entries 0
-    output: torch.Tensor  # [batch, kv_heads, group, seq, d]
+
+    @functools.cached_property
+    def scores(self) -> torch.Tensor:
+        """``[batch, kv_heads, group, seq, seq]`` scores, masked entries 0."""
+        return _scores(self.q, self.k, self.scaling, self.softcap).masked_fill(~self.mask, 0.0)
+
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        """Same shape, masked entries 0 (a softmax, as :meth:`error` computes ``p_hat``)."""
+        return torch.softmax(self.scores.masked_fill(~self.mask, -math.inf), dim=-1)
+
+    @functools.cached_property
+    def output(self) -> torch.Tensor:
+        """``[batch, kv_heads, group, seq, d]`` attention output."""
+        return torch.matmul(self.probs, self.v.unsqueeze(2))
 
     def error(
         self,
@@ -252,7 +266,7 @@ class AttentionReference:
         shifted = torch.zeros(n, dtype=torch.bool, device=self.q.device)
         heads = range(self.k.shape[1])[sel]
         for b, (u, h) in itertools.product(range(self.k.shape[0]), enumerate(heads)):
-            for block in self._blocks[b][h]:
+            for block in self._stacked[0][b][h]:
                 step = max(1, _TILE_SCORES // block.probs.numel())
                 for start in range(0, n, step):
                     cs = slice(start, start + step)
@@ -264,7 +278,7 @@ class AttentionReference:
                     sums[:, cs] += part
                     shifted[cs] |= big
         rows = self.k.shape[0] * len(heads) * self.q.shape[2] * self.q.shape[3]
-        constants = {name: value[:, sel].sum() for name, value in self._energies.items()}
+        constants = {name: value[:, sel].sum() for name, value in self._stacked[1].items()}
         result = {
             "score_rel": _ratio(sums[0], constants["score_ref2"], 0.0).sqrt(),
             "kl": sums[1] / rows,
@@ -297,10 +311,17 @@ class AttentionReference:
         }
 
     @functools.cached_property
-    def _blocks(self) -> list[list[list[_Block]]]:
-        """The causal blocks of query rows of each ``[batch][kv_head]`` (:meth:`error_stack`)."""
+    def _stacked(self) -> tuple[list[list[list[_Block]]], dict[str, torch.Tensor]]:
+        """What :meth:`error_stack` reads: the causal blocks of query rows of each
+        ``[batch][kv_head]``, computed block by block in float64 (the keys a block's rows see,
+        not the full ``[seq, seq]``), and the :attr:`_energies` summed over them."""
         batch, kv_heads, group, seq, _ = self.q.shape
         blocks: list[list[list[_Block]]] = [[[] for _ in range(kv_heads)] for _ in range(batch)]
+        energies = {
+            name: torch.zeros(batch, kv_heads, dtype=torch.float64, device=self.q.device)
+            for name in ("score_ref2", "out_ref2")
+        }
+        queries = self.q * self.scaling
 
         def flat(x: torch.Tensor) -> torch.Tensor:  # [group, rows, n] -> float32 [group * rows, n]
             return x.flatten(0, 1).float().contiguous()
@@ -317,20 +338,28 @@ class AttentionReference:
             lo = torch.where(visible, index, visible.shape[1]).amin(1)
             hi = torch.where(visible, index, -1).amax(1) + 1
             ranges = torch.stack([lo, hi]).repeat(1, group).to("cpu", torch.int32)
+            # exact float64 attention of the block, [batch, kv_heads, group, rows, keys] (no
+            # softcap: error_stack hands softcapped scores to error)
+            scores = torch.matmul(queries[..., rows, :], self.k[:, :, None, keys].mT)
+            scores = scores.masked_fill(~visible, 0.0)
+            probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
+            output = torch.matmul(probs, self.v[:, :, None, keys])
+            energies["score_ref2"] += scores.square().sum((-3, -2, -1))
+            energies["out_ref2"] += output.square().sum((-3, -2, -1))
             for b, h in itertools.product(range(batch), range(kv_heads)):
                 blocks[b][h].append(
                     _Block(
                         keys=keys,
-                        queries=flat(self.q[b, h, :, rows] * self.scaling),
-                        probs=flat(self.probs[b, h, :, rows, keys]),
-                        output=flat(self.output[b, h, :, rows]),
+                        queries=flat(queries[b, h, :, rows]),
+                        probs=flat(probs[b, h]),
+                        output=flat(output[b, h]),
                         values=self.v[b, h, keys].float(),
                         masked=masked,
                         visible=visible[:, masked].repeat(group, 1).float(),
                         ranges=ranges,
                     )
                 )
-        return blocks
+        return blocks, energies
 
     @functools.cached_property
     def log_probs(self) -> torch.Tensor:
@@ -517,11 +546,7 @@ def attention_reference(
     q64 = q.double().reshape(b, kv_heads, heads // kv_heads, seq, d)
     k64, v64 = k.double(), v.double()
     mask = _attention_mask(seq, sliding_window, q.device)
-    scores = _scores(q64, k64, scale, softcap).masked_fill(~mask, 0.0)
-    masked = scores.masked_fill(~mask, -math.inf)
-    probs = torch.softmax(masked, dim=-1)  # as AttentionReference.error computes p_hat
-    output = torch.matmul(probs, v64.unsqueeze(2))
-    return AttentionReference(q64, k64, v64, scale, softcap, mask, scores, probs, output)
+    return AttentionReference(q64, k64, v64, scale, softcap, mask)
 
 
 def attention_error(

@@ -196,7 +196,7 @@ def test_compiled_rows_match_the_torch_rows(shift):
     gen = torch.Generator().manual_seed(4)
     q, k, v = _tensor(gen, 1, 6, 96, 16), _tensor(gen, 1, 2, 96, 16), _tensor(gen, 1, 2, 96, 16)
     ref = metrics.attention_reference(q, k, v, sliding_window=50)
-    for block in ref._blocks[0][1]:
+    for block in ref._stacked[0][0][1]:
         dk = shift * _tensor(gen, 3, block.values.shape[0], 16) / 4
         d = torch.matmul(block.queries, dk.transpose(-1, -2))
         compiled = metrics._compiled_rows(block, d.clone())
