@@ -179,8 +179,10 @@ def _compress_all(
     return [(i, out[i]) for i in chunk]
 
 
+@functools.lru_cache(maxsize=1024)
 def _settings(config: CompressionConfig, kind: str) -> dict[str, Any]:
-    """The method-parameter columns of one row."""
+    """The method-parameter columns of one row (cached: every layer's rows repeat them; callers
+    copy, never change, the dict)."""
     return {
         "preset": config.preset or CUSTOM,
         **dataclasses.asdict(config.for_kind(kind)),
