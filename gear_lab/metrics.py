@@ -323,8 +323,8 @@ class AttentionReference:
         }
         queries = self.q * self.scaling
 
-        def flat(x: torch.Tensor) -> torch.Tensor:  # [group, rows, n] -> float32 [group * rows, n]
-            return x.flatten(0, 1).float().contiguous()
+        def flat(x: torch.Tensor) -> torch.Tensor:  # [..., group, rows, n] -> float32 contiguous
+            return x.float().contiguous()
 
         for r0 in range(0, seq, _BLOCK_ROWS):
             rows = slice(r0, min(seq, r0 + _BLOCK_ROWS))
@@ -346,16 +346,21 @@ class AttentionReference:
             output = torch.matmul(probs, self.v[:, :, None, keys])
             energies["score_ref2"] += scores.square().sum((-3, -2, -1))
             energies["out_ref2"] += output.square().sum((-3, -2, -1))
+            # float32 copies for every (batch, KV head) at once; a block's rows are the block's
+            # rows of each query head of the group ([group * rows, n] views)
+            q32, p32, o32 = flat(queries[..., rows, :]), flat(probs), flat(output)
+            v32 = flat(self.v[:, :, keys])
+            visible32 = visible[:, masked].repeat(group, 1).float()
             for b, h in itertools.product(range(batch), range(kv_heads)):
                 blocks[b][h].append(
                     _Block(
                         keys=keys,
-                        queries=flat(queries[b, h, :, rows]),
-                        probs=flat(probs[b, h]),
-                        output=flat(output[b, h]),
-                        values=self.v[b, h, keys].float(),
+                        queries=q32[b, h].flatten(0, 1),
+                        probs=p32[b, h].flatten(0, 1),
+                        output=o32[b, h].flatten(0, 1),
+                        values=v32[b, h],
                         masked=masked,
-                        visible=visible[:, masked].repeat(group, 1).float(),
+                        visible=visible32,
                         ranges=ranges,
                     )
                 )
