@@ -56,8 +56,9 @@ __all__ = [
 _PROFILE_DIM = {"head": 1, "token": 2, "channel": 3}
 # AttentionReference.error_stack: query rows per causal block, scores per tile (4 MiB of float32:
 # on the demo sweep with 2 threads 11 % faster than 1 MiB, as each tile's ops synchronize the
-# threads; with 1 thread 1 % slower), |x| below which expm1(x) - x is taken from its Taylor polynomial
-# (both forms then err ~2e-6 relative in float32), and the largest score shift x it accepts
+# threads; with 1 thread 1 % slower), |x| below which the torch rows take expm1(x) - x from its
+# Taylor polynomial (both forms then err ~2e-6 relative in float32), and the largest score
+# shift x it accepts
 _BLOCK_ROWS = 32
 _TILE_SCORES = 2**20
 _TAYLOR_BELOW = 0.05
@@ -479,7 +480,7 @@ class _AttentionRowsArgs(ctypes.Structure):
 
 
 def _compiled_rows(block: _Block, d: torch.Tensor) -> _Rows | None:
-    """:func:`_torch_rows` in one compiled pass per row (``csrc/attention.cpp``: 1.6x faster
+    """:func:`_torch_rows` in one compiled pass per row (``csrc/attention.cpp``: 1.5x faster
     error_stack on keys), or ``None`` where the library cannot run."""
     lib = native.library()
     if lib is None:

@@ -284,16 +284,18 @@ class _OpenDumps(dict[str, Dump]):
         return (_OpenDumps, ())
 
     @contextmanager
-    def get_dump(self, path: str, modified: int) -> Iterator[Dump]:
-        """The open dump at ``path`` (``modified``: its mtime in ns when the sweep began)."""
+    def get_dump(self, path: str) -> Iterator[Dump]:
+        """The open dump at ``path``."""
         if path in self:
             yield self[path]
             return
         try:
-            key = (path, modified, os.stat(path).st_mtime_ns)
+            key = (path, os.stat(path).st_mtime_ns)
         except OSError:  # open_dump says what is wrong
-            key = (path, modified, -1)
-        dump = _worker_dumps.pop(key, None) or open_dump(path)
+            key = (path, -1)
+        dump = _worker_dumps.pop(key, None)
+        if dump is None:
+            dump = open_dump(path)
         _worker_dumps[key] = dump  # most recent last
         while len(_worker_dumps) > _WORKER_DUMPS:
             _worker_dumps.pop(next(iter(_worker_dumps))).close()
@@ -301,7 +303,7 @@ class _OpenDumps(dict[str, Dump]):
 
 
 _WORKER_DUMPS = 4
-_worker_dumps: dict[tuple[str, int, int], Dump] = {}
+_worker_dumps: dict[tuple[str, int], Dump] = {}  # by (path, mtime in ns)
 
 
 def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]:
@@ -309,7 +311,7 @@ def _run_task(job: _Job, dumps: _OpenDumps, task: _Task) -> list[dict[str, Any]]
     device = torch.device(job.device)
     measure = _measure_batched if job.batch else _measure_alone
     rows: list[dict[str, Any]] = []
-    with dumps.get_dump(task.path, task.modified) as dump:
+    with dumps.get_dump(task.path) as dump:
         ref = None
         if task.with_attention:
             ref = _reference(dump, task.layer, task.sample, device, job.dtype)
@@ -388,11 +390,11 @@ def _measure_batched(
     # every head's selection holds the same bytes (select takes dim 0 of every kept tensor), so
     # the first head's selection gives each head's stored size
     first = torch.tensor([0], device=x.device)
-    sizes = [p if whole else p.select(first) for _, p in packed]
+    heads = [p if whole else p.select(first) for _, p in packed]
+    sizes = [(one.nbytes, one.numel) for one in heads]
     for u, head in enumerate(task.heads):
         for c, (i, _) in enumerate(packed):
-            one = (sizes[c].nbytes, sizes[c].numel)
-            yield head, i, one, {name: values[c][u] for name, values in columns.items()}
+            yield head, i, sizes[c], {name: values[c][u] for name, values in columns.items()}
 
 
 def _stack_metrics(

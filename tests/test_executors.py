@@ -143,15 +143,15 @@ def test_a_worker_keeps_its_last_dumps_open_and_reopens_a_changed_file(smol_dump
     remote = pickle.loads(pickle.dumps(sweep_module._OpenDumps()))
     path = str(copies[0])
     mtime = os.stat(path).st_mtime_ns
-    with remote.get_dump(path, mtime) as first:
+    with remote.get_dump(path) as first:
         pass
-    with remote.get_dump(path, mtime) as again:
+    with remote.get_dump(path) as again:
         assert again is first
     os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # the file changed
-    with remote.get_dump(path, mtime) as changed:
+    with remote.get_dump(path) as changed:
         assert changed is not first and changed.layers == first.layers
     for copy in copies[1:]:
-        with remote.get_dump(str(copy), os.stat(copy).st_mtime_ns):
+        with remote.get_dump(str(copy)):
             pass
     assert len(sweep_module._worker_dumps) == sweep_module._WORKER_DUMPS
     assert all(str(copies[0]) != key[0] for key in sweep_module._worker_dumps)
