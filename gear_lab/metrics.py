@@ -240,10 +240,11 @@ class AttentionReference:
         - ``p_hat - p = p (expm1(x) - z) / (1 + z)`` (TV),
         - output error ``(p_hat - p) v + p_hat (v_hat - v)``, with ``p v`` the reference output.
 
-        Row sums are float32, sums over rows float64; on CPU each row's sums run compiled
-        (``csrc/attention.cpp``, ``phi`` without cancellation at any ``x``), else in torch. Query
-        rows go in causal blocks of ``_BLOCK_ROWS`` (a block reads only the keys its rows see),
-        configs in tiles of ``_TILE_SCORES`` scores. Softcapped scores (Gemma 2), and configs
+        Row sums are float32, sums over rows float64. Query rows go in causal blocks of
+        ``_BLOCK_ROWS`` (a block reads only the keys its rows see). On CPU a block runs compiled
+        (``csrc/attention.cpp``: the products and the row sums fused per config and tile of rows,
+        ``phi`` without cancellation at any ``x``), else in torch, configs in tiles of
+        ``_TILE_SCORES`` scores. Softcapped scores (Gemma 2), and configs
         shifting a score by more than 60 (beyond what float32 ``expm1`` and ``p`` resolve), are
         computed by :meth:`error` instead.
         """
@@ -257,7 +258,11 @@ class AttentionReference:
                         f"{name} shape {tuple(new.shape)} is not [configs] + the reference "
                         f"{tuple(old[:, sel].shape)}"
                     )
-                diffs[name] = (new.to(old) - old[:, sel]).float()
+                exact32 = self._float32[name]
+                if exact32 is not None and new.dtype != torch.float64:
+                    diffs[name] = new.float() - exact32[:, sel]  # no float64 copies
+                else:
+                    diffs[name] = (new.to(old) - old[:, sel]).float()
         if not diffs:
             raise TensorError("error_stack needs k_hat or v_hat")
         dk, dv = diffs.get("k_hat"), diffs.get("v_hat")
@@ -268,8 +273,13 @@ class AttentionReference:
         sums = torch.zeros(4, n, dtype=torch.float64, device=self.q.device)
         shifted = torch.zeros(n, dtype=torch.bool, device=self.q.device)
         heads = range(self.k.shape[1])[sel]
+        lib = native.library() if self.q.device.type == "cpu" else None
         for b, (u, h) in itertools.product(range(self.k.shape[0]), enumerate(heads)):
             for block in self._stacked[0][b][h]:
+                if lib is not None:
+                    errors = [None if x is None else x[:, b, u, block.keys] for x in (dk, dv)]
+                    _compiled_block(lib, block, *errors, sums, shifted)
+                    continue
                 step = max(1, _TILE_SCORES // block.probs.numel())
                 for start in range(0, n, step):
                     cs = slice(start, start + step)
@@ -312,6 +322,17 @@ class AttentionReference:
             name: torch.tensor([e[name] for e in each], dtype=torch.float64, device=self.q.device)
             for name in ("score_rel", "kl", "tv", "output_rel")
         }
+
+    @functools.cached_property
+    def _float32(self) -> dict[str, torch.Tensor | None]:
+        """``k`` and ``v`` (keyed ``k_hat``, ``v_hat``) in float32 where that holds them
+        exactly (a float32 dump), else None: :meth:`error_stack` then rounds each difference
+        once, in float32, instead of forming it in float64."""
+        kept = {}
+        for name, x in (("k_hat", self.k), ("v_hat", self.v)):
+            x32 = x.float()
+            kept[name] = x32 if torch.equal(x32.double(), x) else None
+        return kept
 
     @functools.cached_property
     def _stacked(self) -> tuple[list[list[list[_Block]]], dict[str, torch.Tensor]]:
@@ -426,10 +447,7 @@ def _block_error(
         zero = torch.zeros_like(out2)
         return torch.stack([zero, zero, zero, out2]), torch.zeros_like(out2, dtype=torch.bool)
     d = torch.matmul(block.queries, dk.transpose(-1, -2))  # [configs, rows, keys]
-    rows = _compiled_rows(block, d) if d.device.type == "cpu" else None
-    if rows is None:
-        rows = _torch_rows(block, d)
-    score2, kl, dp, w, z, big = rows
+    score2, kl, dp, w, z, big = _torch_rows(block, d)
     norm = (1 + z.double()).squeeze(-1)
     out = torch.matmul(w, block.values).sub_(z * block.output)
     if dv is not None:
@@ -468,35 +486,43 @@ def _torch_rows(block: _Block, d: torch.Tensor) -> _Rows:
     return score2, kl, dp, w, z, big
 
 
-class _AttentionRowsArgs(ctypes.Structure):
-    """``AttentionRowsArgs`` of ``csrc/attention.cpp``."""
+class _AttentionBlockArgs(ctypes.Structure):
+    """``AttentionBlockArgs`` of ``csrc/attention.cpp``."""
 
     _fields_ = [
-        ("d", ctypes.c_void_p), ("p", ctypes.c_void_p), ("lo", ctypes.c_void_p),
-        ("hi", ctypes.c_void_p), ("configs", ctypes.c_int64), ("rows", ctypes.c_int64),
-        ("keys", ctypes.c_int64), ("out", ctypes.c_void_p), ("max_shift", ctypes.c_float),
-        ("threads", ctypes.c_int32),
+        ("q", ctypes.c_void_p), ("p", ctypes.c_void_p), ("o", ctypes.c_void_p),
+        ("v", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("hi", ctypes.c_void_p),
+        ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p), ("dk_stride", ctypes.c_int64),
+        ("dv_stride", ctypes.c_int64), ("configs", ctypes.c_int64), ("rows", ctypes.c_int64),
+        ("keys", ctypes.c_int64), ("dim", ctypes.c_int64), ("sums", ctypes.c_void_p),
+        ("shifted", ctypes.c_void_p), ("max_shift", ctypes.c_float), ("threads", ctypes.c_int32),
     ]  # fmt: skip
 
 
-def _compiled_rows(block: _Block, d: torch.Tensor) -> _Rows | None:
-    """:func:`_torch_rows` in one compiled pass per row (``csrc/attention.cpp``: 1.5x faster
-    error_stack on keys), or ``None`` where the library cannot run."""
-    lib = native.library()
-    if lib is None:
-        return None
-    configs, rows, keys = d.shape
-    d = d.contiguous()
-    out = torch.empty(5, configs, rows, dtype=torch.float32)
-    args = _AttentionRowsArgs(
-        d.data_ptr(), block.probs.data_ptr(), block.ranges[0].data_ptr(),
-        block.ranges[1].data_ptr(), configs, rows, keys, out.data_ptr(), _MAX_SHIFT,
-        max(1, min(torch.get_num_threads(), configs * rows)),
+def _compiled_block(
+    lib: ctypes.CDLL,
+    block: _Block,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    sums: torch.Tensor,
+    shifted: torch.Tensor,
+) -> None:
+    """:func:`_block_error` compiled (``csrc/attention.cpp``), its sums added to ``sums``
+    float64 ``[4, configs]`` and its shift flags or-ed into ``shifted`` bool ``[configs]``;
+    ``dk`` / ``dv`` ``[configs, keys, d]`` float32 (None: exact)."""
+    keys, dim = block.values.shape
+    # each config's [keys, d] rows contiguous (as sliced from error_stack's contiguous stacks)
+    dk, dv = (x if x is None or x.stride()[1:] == (dim, 1) else x.contiguous() for x in (dk, dv))
+    dk_ptr, dk_stride = (None, 0) if dk is None else (dk.data_ptr(), dk.stride(0))
+    dv_ptr, dv_stride = (None, 0) if dv is None else (dv.data_ptr(), dv.stride(0))
+    configs, rows = sums.shape[1], block.queries.shape[0]
+    args = _AttentionBlockArgs(
+        block.queries.data_ptr(), block.probs.data_ptr(), block.output.data_ptr(),
+        block.values.data_ptr(), block.ranges[0].data_ptr(), block.ranges[1].data_ptr(),
+        dk_ptr, dv_ptr, dk_stride, dv_stride, configs, rows, keys, dim, sums.data_ptr(),
+        shifted.data_ptr(), _MAX_SHIFT, max(1, min(torch.get_num_threads(), configs * rows)),
     )  # fmt: skip
-    lib.gear_attention_rows(ctypes.byref(args))
-    score2, phi, z, dp, flag = out
-    kl = torch.log1p(phi.double()).sum(-1)
-    return score2.sum(-1, dtype=torch.float64), kl, dp, d, z.unsqueeze(-1), flag.amax(-1) > 0
+    lib.gear_attention_block(ctypes.byref(args))
 
 
 def _scores(

@@ -4,7 +4,7 @@ loaded with :mod:`ctypes`; no build tool beyond the compiler is needed.
 
 - ``gear_cpu.cpp``: block-wise GEAR compression and decompression
   (:mod:`gear_lab.compression.cpu_kernel`);
-- ``attention.cpp``: the per-row sums of the batched attention error
+- ``attention.cpp``: the batched attention error of a causal block of query rows
   (:meth:`gear_lab.metrics.AttentionReference.error_stack`).
 
 Where the build or the load fails, one warning names the reason and every caller runs its torch
@@ -34,7 +34,7 @@ __all__ = ["KERNEL_ENV", "library", "reference", "unavailable_reason"]
 KERNEL_ENV = "GEAR_LAB_KERNEL"
 SOURCES = ("gear_cpu.cpp", "attention.cpp")
 # the exported functions, each taking a pointer to its argument struct
-FUNCTIONS = ("gear_compress", "gear_decompress", "gear_attention_rows")
+FUNCTIONS = ("gear_compress", "gear_decompress", "gear_attention_block")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 _forced_reference: ContextVar[bool] = ContextVar("gear_lab_forced_reference", default=False)
 

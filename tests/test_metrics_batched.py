@@ -188,25 +188,47 @@ def test_error_stack_on_cuda_matches_cpu():
 
 
 @pytest.mark.skipif(COMPILED_MISSING is not None, reason=f"no library: {COMPILED_MISSING}")
+@pytest.mark.parametrize("replaced", ["keys", "values", "both"])
 @pytest.mark.parametrize("shift", [1e-3, 0.3, 3.0, 40.0, 80.0])
-def test_compiled_rows_match_the_torch_rows(shift):
-    """Row by row, across the compiled expm1's ranges (|x| < ln2 / 2, its 2^n branch up to the
-    limit of 60, and beyond: flagged): the same sums, w = p expm1(x) and z = sum w as torch's
-    (w to float32 rounding of its largest entry, as x = d - m cancels, z to that of sum |w|)."""
+def test_compiled_block_matches_the_torch_block(shift, replaced):
+    """Block by block, across the compiled expm1's ranges (|x| < ln2 / 2, its 2^n branch up to
+    the limit of 60, and beyond: flagged), a head_dim that is no multiple of the vector width
+    and blocks whose rows fill no whole tile: the same four sums and flags as torch's."""
     gen = torch.Generator().manual_seed(4)
-    q, k, v = _tensor(gen, 1, 6, 96, 16), _tensor(gen, 1, 2, 96, 16), _tensor(gen, 1, 2, 96, 16)
+    q, k, v = _tensor(gen, 1, 6, 93, 20), _tensor(gen, 1, 2, 93, 20), _tensor(gen, 1, 2, 93, 20)
     ref = metrics.attention_reference(q, k, v, sliding_window=50)
+    lib = native.library()
     for block in ref._stacked[0][0][1]:
-        dk = shift * _tensor(gen, 3, block.values.shape[0], 16) / 4
-        d = torch.matmul(block.queries, dk.transpose(-1, -2))
-        compiled = metrics._compiled_rows(block, d.clone())
-        with native.reference():
-            assert metrics._compiled_rows(block, d.clone()) is None
-        expected = metrics._torch_rows(block, d.clone())
-        names = ("score2", "kl", "tv", "w", "z")
-        for name, got, want in zip(names, compiled[:5], expected[:5], strict=True):
-            w = expected[3].abs()
-            scale = {"w": float(w.max()), "z": float(w.sum(-1).max())}.get(name, 0.0)
-            torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6 * scale, msg=name)
-        assert torch.equal(compiled[5], expected[5])
-        assert compiled[5].any() == (shift > 60)
+        keys = block.values.shape[0]
+        dk = shift * _tensor(gen, 3, keys, 20) / 4 if replaced != "values" else None
+        dv = 0.1 * _tensor(gen, 3, keys, 20) if replaced != "keys" else None
+        sums, shifted = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool)
+        metrics._compiled_block(lib, block, dk, dv, sums, shifted)
+        expected, big = metrics._block_error(block, dk, dv)
+        assert torch.equal(shifted, big)
+        assert bool(shifted.any()) == (shift > 60 and dk is not None)
+        if not shifted.any():
+            torch.testing.assert_close(sums, expected, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.skipif(COMPILED_MISSING is not None, reason=f"no library: {COMPILED_MISSING}")
+@pytest.mark.parametrize("march", ["x86-64", "haswell"])
+def test_error_stack_with_a_portable_build(monkeypatch, tmp_path, march):
+    """Built for a baseline x86-64 CPU (the scalar path) or for AVX2 without AVX-512, the
+    compiled block gives the exact error's results."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    flags = [f"-march={march}" if f == "-march=native" else f for f in native.FLAGS]
+    monkeypatch.setattr(native, "FLAGS", flags)
+    monkeypatch.setattr(native, "_build_dir", lambda: tmp_path)
+    built = native._load()
+    monkeypatch.setattr(native, "library", lambda: built)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _tensor(gen, 1, 6, 70, 40), _tensor(gen, 1, 2, 70, 40), _tensor(gen, 1, 2, 70, 40)
+    ref = metrics.attention_reference(q, k, v)
+    k_hat = k + 0.05 * _tensor(gen, 3, *k.shape)
+    v_hat = v + 0.05 * _tensor(gen, 3, *v.shape)
+    fast = ref.error_stack(k_hat, v_hat)
+    _assert_close(fast, _exact(ref, k_hat, v_hat, None, 3))
