@@ -190,18 +190,20 @@ def test_error_stack_on_cuda_matches_cpu():
 @pytest.mark.skipif(COMPILED_MISSING is not None, reason=f"no library: {COMPILED_MISSING}")
 @pytest.mark.parametrize("replaced", ["keys", "values", "both"])
 @pytest.mark.parametrize("shift", [1e-3, 0.3, 3.0, 40.0, 80.0])
-def test_compiled_block_matches_the_torch_block(shift, replaced):
+@pytest.mark.parametrize("dim", [20, 128])
+def test_compiled_block_matches_the_torch_block(shift, replaced, dim):
     """Block by block, across the compiled expm1's ranges (|x| < ln2 / 2, its 2^n branch up to
     the limit of 60, and beyond: flagged), a head_dim that is no multiple of the vector width
-    and blocks whose rows fill no whole tile: the same four sums and flags as torch's."""
+    and one of the paper's (128), and blocks whose rows fill no whole tile: the same four sums
+    and flags as torch's."""
     gen = torch.Generator().manual_seed(4)
-    q, k, v = _tensor(gen, 1, 6, 93, 20), _tensor(gen, 1, 2, 93, 20), _tensor(gen, 1, 2, 93, 20)
+    q, k, v = (_tensor(gen, 1, n, 93, dim) for n in (6, 2, 2))
     ref = metrics.attention_reference(q, k, v, sliding_window=50)
     lib = native.library()
     for block in ref._stacked[0][0][1]:
         keys = block.values.shape[0]
-        dk = shift * _tensor(gen, 3, keys, 20) / 4 if replaced != "values" else None
-        dv = 0.1 * _tensor(gen, 3, keys, 20) if replaced != "keys" else None
+        dk = shift * _tensor(gen, 3, keys, dim) / 4 if replaced != "values" else None
+        dv = 0.1 * _tensor(gen, 3, keys, dim) if replaced != "keys" else None
         sums, shifted = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool)
         metrics._compiled_block(lib, block, dk, dv, sums, shifted)
         expected, big = metrics._block_error(block, dk, dv)
