@@ -244,9 +244,9 @@ class AttentionReference:
         ``_BLOCK_ROWS`` (a block reads only the keys its rows see). On CPU a block runs compiled
         (``csrc/attention.cpp``: the products and the row sums fused per config and tile of rows,
         ``phi`` without cancellation at any ``x``), else in torch, configs in tiles of
-        ``_TILE_SCORES`` scores. Softcapped scores (Gemma 2), and configs
-        shifting a score by more than 60 (beyond what float32 ``expm1`` and ``p`` resolve), are
-        computed by :meth:`error` instead.
+        ``_TILE_SCORES`` scores. Softcapped scores (Gemma 2), and configs shifting a score by
+        more than 60 (beyond what float32 ``expm1`` and ``p`` resolve), are computed by
+        :meth:`error` instead.
         """
         sel = slice(None) if kv_heads is None else kv_heads
         diffs: dict[str, torch.Tensor] = {}
@@ -328,7 +328,7 @@ class AttentionReference:
         """``k`` and ``v`` (keyed ``k_hat``, ``v_hat``) in float32 where that holds them
         exactly (a float32 dump), else None: :meth:`error_stack` then rounds each difference
         once, in float32, instead of forming it in float64."""
-        kept = {}
+        kept: dict[str, torch.Tensor | None] = {}
         for name, x in (("k_hat", self.k), ("v_hat", self.v)):
             x32 = x.float()
             kept[name] = x32 if torch.equal(x32.double(), x) else None
