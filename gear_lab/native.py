@@ -5,7 +5,8 @@ loaded with :mod:`ctypes`; no build tool beyond the compiler is needed.
 - ``gear_cpu.cpp``: block-wise GEAR compression and decompression
   (:mod:`gear_lab.compression.cpu_kernel`);
 - ``attention.cpp``: the batched attention error of a causal block of query rows
-  (:meth:`gear_lab.metrics.AttentionReference.error_stack`).
+  (:meth:`gear_lab.metrics.AttentionReference.error_stack`);
+- ``vec16.h``: the 16-lane float vectors both use.
 
 Where the build or the load fails, one warning names the reason and every caller runs its torch
 reference. ``GEAR_LAB_KERNEL=reference`` (or ``with reference():``) forces the references, e.g.
@@ -33,6 +34,7 @@ __all__ = ["KERNEL_ENV", "library", "reference", "unavailable_reason"]
 
 KERNEL_ENV = "GEAR_LAB_KERNEL"
 SOURCES = ("gear_cpu.cpp", "attention.cpp")
+HEADERS = ("vec16.h",)  # included by the sources
 # the exported functions, each taking a pointer to its argument struct
 FUNCTIONS = ("gear_compress", "gear_decompress", "gear_attention_block")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -79,8 +81,9 @@ def _machine() -> str:
 
 
 def _load() -> ctypes.CDLL:
-    """Compile (once per sources, flags, compiler and CPU) and load the library."""
-    sources = [files("gear_lab").joinpath("csrc", name).read_bytes() for name in SOURCES]
+    """Compile (once per sources and headers, flags, compiler and CPU) and load the library."""
+    names = [*SOURCES, *HEADERS]
+    sources = [files("gear_lab").joinpath("csrc", name).read_bytes() for name in names]
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
     digest = hashlib.sha256(
@@ -93,9 +96,8 @@ def _load() -> ctypes.CDLL:
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            paths = [Path(tmp) / name for name in SOURCES]
-            for path, source in zip(paths, sources, strict=True):
-                path.write_bytes(source)
+            for name, source in zip(names, sources, strict=True):
+                (Path(tmp) / name).write_bytes(source)
             built = Path(tmp) / target.name
             cmd = [
                 cxx,
@@ -103,7 +105,7 @@ def _load() -> ctypes.CDLL:
                 "-std=c++17",
                 "-shared",
                 "-fPIC",
-                *map(str, paths),
+                *(str(Path(tmp) / name) for name in SOURCES),
                 "-o",
                 str(built),
             ]

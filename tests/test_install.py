@@ -134,5 +134,6 @@ def test_a_plain_install_ships_the_compiled_cpu_path(installed: Path, tmp_path: 
     )
     module, reason = out.stdout.strip().splitlines()
     assert Path(module).is_relative_to(installed)
-    assert all((installed / "gear_lab" / "csrc" / name).is_file() for name in native.SOURCES)
+    shipped = [*native.SOURCES, *native.HEADERS]
+    assert all((installed / "gear_lab" / "csrc" / name).is_file() for name in shipped)
     assert reason == "None", reason

@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec16.h"
+
 namespace {
 
 // phi(x) = expm1(x) - x and expm1(x), for |x| <= 87.
@@ -43,81 +45,53 @@ inline void phi_expm1(float x, float& phi, float& em1) {
     phi = n == 0.f ? phi_r : em1_n - x;
 }
 
-// The widest vector the build targets: W floats, with load, store, broadcast and fused
-// multiply-add; the tiles of the two products are sized to its register file.
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-#if defined(__AVX512F__)
-using Vec = __m512;
+// The two products run on vec16.h's 16-lane vectors, in register tiles of kScoreRows x
+// kScoreVecs and kOutRows x kOutVecs vectors sized for AVX-512's 32 registers (one v16 each);
+// elsewhere a v16 spans two or four registers, hence smaller tiles.
 constexpr int W = 16;
-inline Vec vload(const float* a) { return _mm512_loadu_ps(a); }
-inline void vstore(float* a, Vec x) { _mm512_storeu_ps(a, x); }
-inline Vec vset(float x) { return _mm512_set1_ps(x); }
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+#if defined(__AVX512F__)
 constexpr int kScoreRows = 12, kScoreVecs = 2, kOutRows = 6, kOutVecs = 4;
-#elif defined(__AVX2__) && defined(__FMA__)
-using Vec = __m256;
-constexpr int W = 8;
-inline Vec vload(const float* a) { return _mm256_loadu_ps(a); }
-inline void vstore(float* a, Vec x) { _mm256_storeu_ps(a, x); }
-inline Vec vset(float x) { return _mm256_set1_ps(x); }
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-constexpr int kScoreRows = 4, kScoreVecs = 2, kOutRows = 2, kOutVecs = 4;
 #else
-using Vec = float;
-constexpr int W = 1;
-inline Vec vload(const float* a) { return *a; }
-inline void vstore(float* a, Vec x) { *a = x; }
-inline Vec vset(float x) { return x; }
-inline Vec vzero() { return 0.f; }
-inline Vec vfma(Vec a, Vec b, Vec c) { return __builtin_fmaf(a, b, c); }
-constexpr int kScoreRows = 4, kScoreVecs = 4, kOutRows = 4, kOutVecs = 4;
+constexpr int kScoreRows = 4, kScoreVecs = 1, kOutRows = 2, kOutVecs = 2;
 #endif
 constexpr int kKeyTile = W * kScoreVecs;  // keys per tile of the score product
 
 // d[r][j] = sum_t q[r][t] kt[t][j] for kScoreRows rows and keys [j0, j1) (multiples of kKeyTile
 // apart): q rows at qrow[r], kt [dim][kstride] (the keys transposed), d rows kstride apart.
-void score_tile(const float* const* qrow, const float* kt, int64_t kstride, int64_t dim,
-                int64_t j0, int64_t j1, float* d) {
+__attribute__((optimize("fp-contract=fast"))) void score_tile(
+    const float* const* qrow, const float* kt, int64_t kstride, int64_t dim, int64_t j0,
+    int64_t j1, float* d) {
     for (int64_t j = j0; j < j1; j += kKeyTile) {
-        Vec acc[kScoreRows][kScoreVecs];
-        for (auto& row : acc)
-            for (auto& a : row) a = vzero();
+        v16 acc[kScoreRows][kScoreVecs] = {};
         for (int64_t t = 0; t < dim; ++t) {
-            Vec k[kScoreVecs];
-            for (int v = 0; v < kScoreVecs; ++v) k[v] = vload(kt + t * kstride + j + v * W);
-            for (int r = 0; r < kScoreRows; ++r) {
-                const Vec b = vset(qrow[r][t]);
-                for (int v = 0; v < kScoreVecs; ++v) acc[r][v] = vfma(b, k[v], acc[r][v]);
-            }
+            v16 k[kScoreVecs];
+            for (int v = 0; v < kScoreVecs; ++v) k[v] = load16(kt + t * kstride + j + v * W);
+            for (int r = 0; r < kScoreRows; ++r)
+                for (int v = 0; v < kScoreVecs; ++v) acc[r][v] += qrow[r][t] * k[v];
         }
         for (int r = 0; r < kScoreRows; ++r)
-            for (int v = 0; v < kScoreVecs; ++v) vstore(d + r * kstride + j + v * W, acc[r][v]);
+            for (int v = 0; v < kScoreVecs; ++v) store16(d + r * kstride + j + v * W, acc[r][v]);
     }
 }
 
 // out[r][c] += sum_{j in [j0, j1)} a[r][j] b[j][c] for R rows (a rows astride apart, out rows dim
 // apart) and the columns [c0, c1) (a multiple of V * W apart) of b [keys][dim] (rows dim apart).
 template <int R, int V>
-void weighted_tile(const float* a, int64_t astride, const float* b, int64_t dim, int64_t c0,
-                   int64_t c1, int64_t j0, int64_t j1, float* out) {
+__attribute__((optimize("fp-contract=fast"))) void weighted_tile(
+    const float* a, int64_t astride, const float* b, int64_t dim, int64_t c0, int64_t c1,
+    int64_t j0, int64_t j1, float* out) {
     for (int64_t c = c0; c < c1; c += V * W) {
-        Vec acc[R][V];
+        v16 acc[R][V];
         for (int i = 0; i < R; ++i)
-            for (int v = 0; v < V; ++v) acc[i][v] = vload(out + i * dim + c + v * W);
+            for (int v = 0; v < V; ++v) acc[i][v] = load16(out + i * dim + c + v * W);
         for (int64_t j = j0; j < j1; ++j) {
-            Vec bv[V];
-            for (int v = 0; v < V; ++v) bv[v] = vload(b + j * dim + c + v * W);
-            for (int i = 0; i < R; ++i) {
-                const Vec w = vset(a[i * astride + j]);
-                for (int v = 0; v < V; ++v) acc[i][v] = vfma(w, bv[v], acc[i][v]);
-            }
+            v16 bv[V];
+            for (int v = 0; v < V; ++v) bv[v] = load16(b + j * dim + c + v * W);
+            for (int i = 0; i < R; ++i)
+                for (int v = 0; v < V; ++v) acc[i][v] += a[i * astride + j] * bv[v];
         }
         for (int i = 0; i < R; ++i)
-            for (int v = 0; v < V; ++v) vstore(out + i * dim + c + v * W, acc[i][v]);
+            for (int v = 0; v < V; ++v) store16(out + i * dim + c + v * W, acc[i][v]);
     }
 }
 

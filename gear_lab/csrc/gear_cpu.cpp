@@ -31,6 +31,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vec16.h"
+
 namespace {
 
 enum DType : int32_t { F16 = 0, BF16 = 1, F32 = 2 };
@@ -540,17 +542,10 @@ inline void span_stats(const float* row, const uint8_t* skip, int64_t begin, int
   *hi = h;
 }
 
-// Vectors of 16 lanes (GCC / Clang vector extensions: native vectors where the ISA has them).
-typedef float v16 __attribute__((vector_size(64)));
+// Integer vectors beside vec16.h's v16 (GCC / Clang vector extensions).
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // Lane `lane` of one level of a transposing reduction: inputs a (lanes 0..15) and b (16..31)
 // hold rows in blocks of 2 * B lanes, the output in blocks of B; this picks the first half of
