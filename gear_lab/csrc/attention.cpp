@@ -10,7 +10,8 @@
 // expm1 and phi = expm1(x) - x without cancellation: x = n ln2 + r (|r| <= ln2 / 2),
 // phi(r) = r^2 P(r) with P the Taylor polynomial to r^7 (relative error < 2e-9), and for n != 0
 // expm1(x) = 2^n expm1(r) + (2^n - 1), phi = expm1(x) - x (|x| > ln2 / 2: no cancellation).
-// Compile with -ffp-contract=off (gear_cpu.cpp's rule); the fused steps here are explicit.
+// Compile with -ffp-contract=off (gear_cpu.cpp's rule): the fused steps here are explicit
+// (__builtin_fmaf, and the two products under fp-contract=fast).
 
 #include <algorithm>
 #include <cmath>
