@@ -726,46 +726,102 @@ void householder_q(float* a, int64_t k, int64_t m, float* tau) {
   }
 }
 
-// An orthonormal basis of the span of the k columns of a (each m long, contiguous), in place:
-// a R^-1 with R the Cholesky factor of the Gram matrix (summed in double). R is upper triangular
-// with a positive diagonal, so a later householder_q of the iterates gives the same Q: the
-// iteration's intermediate steps use this (two short passes, no long dependency chain) and the
-// last one householder_q. Near rank deficiency (or k > 8) it is householder_q itself.
-void orthonormalize(float* a, int64_t k, int64_t m, float* tau) {
-  double low[8][8];  // Cholesky factor L = R^T
-  if (k > 8) return householder_q(a, k, m, tau);
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j <= i; ++j) {
-      const float *x = a + i * m, *y = a + j * m;
-      double dot = 0.0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t e = 0; e < m; ++e) dot += double(x[e]) * double(y[e]);
-      low[i][j] = dot;
+typedef double v8d __attribute__((vector_size(64)));
+
+// The Gram matrix G[i][j] = a_i . a_j (i >= j) of the K columns of a (each m long, contiguous),
+// summed in double in one pass over the columns.
+template <int K>
+__attribute__((optimize("fp-contract=fast"))) void gram(const float* a, int64_t m,
+                                                         double (*g)[8]) {
+  v8d acc[K][K] = {};
+  int64_t e = 0;
+  for (; e + 16 <= m; e += 16) {
+    v8d lo[K], hi[K];
+    for (int i = 0; i < K; ++i) {
+      const v16 x = load16(a + i * m + e);
+      lo[i] = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
+      hi[i] = __builtin_convertvector(
+          __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
     }
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j <= i; ++j) acc[i][j] += lo[i] * lo[j] + hi[i] * hi[j];
   }
-  for (int64_t j = 0; j < k; ++j) {
-    const double gram = low[j][j];
-    double pivot = gram;
-    for (int64_t p = 0; p < j; ++p) pivot -= low[j][p] * low[j][p];
-    if (!(pivot > 1e-6 * gram)) return householder_q(a, k, m, tau);  // columns nearly dependent
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j <= i; ++j) {
+      double dot = 0.0;
+      for (int l = 0; l < 8; ++l) dot += acc[i][j][l];
+      for (int64_t t = e; t < m; ++t) dot += double(a[i * m + t]) * double(a[j * m + t]);
+      g[i][j] = dot;
+    }
+}
+
+// An orthonormal basis of the span of the K columns of a (each m long, contiguous), in place:
+// a R^-1 with R the Cholesky factor of the Gram matrix (summed in double), in two passes over
+// a. R is upper triangular with a positive diagonal, so a later householder_q of the iterates
+// gives the same Q: the iteration's intermediate steps use this (no long dependency chain) and
+// the last one householder_q. Near rank deficiency it is householder_q itself.
+template <int K>
+void orthonormalize_k(float* a, int64_t m, float* tau) {
+  double low[8][8];  // Cholesky factor L = R^T
+  gram<K>(a, m, low);
+  for (int j = 0; j < K; ++j) {
+    const double diagonal = low[j][j];
+    double pivot = diagonal;
+    for (int p = 0; p < j; ++p) pivot -= low[j][p] * low[j][p];
+    if (!(pivot > 1e-6 * diagonal)) return householder_q(a, K, m, tau);  // nearly dependent
     low[j][j] = std::sqrt(pivot);
-    for (int64_t i = j + 1; i < k; ++i) {
+    for (int i = j + 1; i < K; ++i) {
       double v = low[i][j];
-      for (int64_t p = 0; p < j; ++p) v -= low[i][p] * low[j][p];
+      for (int p = 0; p < j; ++p) v -= low[i][p] * low[j][p];
       low[i][j] = v / low[j][j];
     }
   }
-  for (int64_t j = 0; j < k; ++j) {  // q_j = (a_j - sum_p R[p][j] q_p) / R[j][j]
-    float* col = a + j * m;
-    for (int64_t p = 0; p < j; ++p) {
-      const float w = float(low[j][p]);
-      const float* q = a + p * m;
-#pragma omp simd
-      for (int64_t e = 0; e < m; ++e) col[e] -= w * q[e];
+  // inverse[p][j] = (R^-1)[p][j], upper triangular: q_j = sum_{p <= j} inverse[p][j] a_p
+  double inverse[K][K] = {};
+  for (int j = 0; j < K; ++j) {
+    inverse[j][j] = 1.0 / low[j][j];
+    for (int p = 0; p < j; ++p) {
+      double v = 0.0;
+      for (int t = p; t < j; ++t) v += inverse[p][t] * low[j][t];
+      inverse[p][j] = -v * inverse[j][j];
     }
-    const float inverse = float(1.0 / low[j][j]);
-#pragma omp simd
-    for (int64_t e = 0; e < m; ++e) col[e] *= inverse;
+  }
+  float weight[K][K];
+  for (int p = 0; p < K; ++p)
+    for (int j = 0; j < K; ++j) weight[p][j] = float(inverse[p][j]);
+  int64_t e = 0;
+  for (; e + 16 <= m; e += 16) {
+    v16 x[K];
+    for (int p = 0; p < K; ++p) x[p] = load16(a + p * m + e);
+    for (int j = 0; j < K; ++j) {
+      v16 q = x[0] * weight[0][j];
+      for (int p = 1; p <= j; ++p) q += x[p] * weight[p][j];
+      store16(a + j * m + e, q);
+    }
+  }
+  for (; e < m; ++e) {
+    float x[K];
+    for (int p = 0; p < K; ++p) x[p] = a[p * m + e];
+    for (int j = 0; j < K; ++j) {
+      float q = x[0] * weight[0][j];
+      for (int p = 1; p <= j; ++p) q += x[p] * weight[p][j];
+      a[j * m + e] = q;
+    }
+  }
+}
+
+// orthonormalize_k for k columns (householder_q itself for k > 8).
+void orthonormalize(float* a, int64_t k, int64_t m, float* tau) {
+  switch (k) {
+    case 1: return orthonormalize_k<1>(a, m, tau);
+    case 2: return orthonormalize_k<2>(a, m, tau);
+    case 3: return orthonormalize_k<3>(a, m, tau);
+    case 4: return orthonormalize_k<4>(a, m, tau);
+    case 5: return orthonormalize_k<5>(a, m, tau);
+    case 6: return orthonormalize_k<6>(a, m, tau);
+    case 7: return orthonormalize_k<7>(a, m, tau);
+    case 8: return orthonormalize_k<8>(a, m, tau);
+    default: return householder_q(a, k, m, tau);
   }
 }
 
@@ -1201,24 +1257,35 @@ int gear_compress(const CompressArgs* a) {
       }
       by_bits<Pack>(a->bits, code.data(), a->codes + m * code_bytes, nd);
 
-      if (m + 1 < a->matrices) {  // the next matrix's rows, while the low rank is fitted
-        const int64_t next = matrix_offset(m + 1, a->lead_ndim, a->lead_sizes, a->lead_strides);
-        const char* ahead = static_cast<const char*>(a->x) + next * esize;
-        for (int64_t b = 0; b < nd * esize; b += 64) __builtin_prefetch(ahead + b);
-      }
+      // the next matrix's rows, fetched while this one's low rank is fitted: a share before
+      // each product (a burst of 256 prefetches stalls on the outstanding misses)
+      const char* ahead = nullptr;
+      if (m + 1 < a->matrices)
+        ahead = static_cast<const char*>(a->x) +
+                matrix_offset(m + 1, a->lead_ndim, a->lead_sizes, a->lead_strides) * esize;
+      const int64_t lines = (nd * esize + 63) / 64, shares = a->rank ? 2 + 2 * a->loops : 1;
+      int64_t fetched = 0;
+      auto fetch = [&](int64_t share) {
+        const int64_t until = ahead ? lines * share / shares : 0;
+        for (; fetched < until; ++fetched) __builtin_prefetch(ahead + 64 * fetched);
+      };
 
       // Low rank L: seeded subspace iteration on the residual.
       if (a->rank) {
         const int64_t r = a->rank;
+        fetch(1);
         product<false>(resid.data(), n, d, omega_t.data(), r, q.data());
         (a->loops ? orthonormalize : householder_q)(q.data(), r, n, tau.data());
         for (int32_t loop = 0; loop < a->loops; ++loop) {
+          fetch(2 + 2 * loop);
           product<true>(resid.data(), n, d, q.data(), r, z.data());
           orthonormalize(z.data(), r, d, tau.data());
+          fetch(3 + 2 * loop);
           product<false>(resid.data(), n, d, z.data(), r, q.data());
           (loop + 1 < a->loops ? orthonormalize : householder_q)(q.data(), r, n, tau.data());
         }
         // kept factors, balanced as lowrank.LowRank.keep
+        fetch(shares);
         product<true>(resid.data(), n, d, q.data(), r, z.data());
         factor_overflow |= keep_factors(q.data(), z.data(), n, d, r, a->factors == 2,
                                         static_cast<uint16_t*>(a->left) + m * n * r,
@@ -1233,6 +1300,7 @@ int gear_compress(const CompressArgs* a) {
                                           scratch.data());
         }
       }
+      fetch(shares);  // without a low rank: all of it now
     }
   }
   a->flags[0] = unresolved;
