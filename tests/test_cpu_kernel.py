@@ -117,25 +117,35 @@ def test_tied_outliers_come_out_in_the_reference_order(outliers, outlier_axis, m
     assert_matches(compress(x, config), reference_compress(x, config))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     outliers=st.sampled_from([0.01, 0.02, 0.03, 0.05]),
     mode=st.sampled_from(["signed", "magnitude"]),
     d=st.sampled_from([64, 128]),
     step=st.sampled_from([0.0, 1 / 64]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    zeros=st.booleans(),
 )
-def test_outliers_of_register_sized_rows_match_the_reference(seed, outliers, mode, d, step):
+def test_outliers_of_register_sized_rows_match_the_reference(
+    seed, outliers, mode, d, step, dtype, zeros
+):
     """Rows of 64 / 128 entries take the kernel's selection in registers (largest two at
-    once): Gaussian values, continuous or on a grid where the extremes sometimes tie."""
-    x = torch.randn(1, 2, 64, d, generator=torch.Generator().manual_seed(seed))
+    once; from 16-bit inputs, with each entry's position in the low mantissa bits):
+    Gaussian values, continuous or on a grid where the extremes sometimes tie, or mostly
+    +0 and -0 (equal values with different bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, 64, d, generator=gen)
     if step:
         x = (x / step).round() * step
+    if zeros:
+        signs = torch.where(torch.rand(x.shape, generator=gen) < 0.5, -0.0, 0.0)
+        x = torch.where(torch.rand(x.shape, generator=gen) < 0.97, signs, x)
     config = get_preset(
         "gear", bits=2, outliers=outliers, outlier_axis="token", outlier_mode=mode, rank=0,
         block_size=64,
     )  # fmt: skip
-    x = x.half()
+    x = x.to(dtype)
     assert_matches(compress(x, config), reference_compress(x, config))
 
 

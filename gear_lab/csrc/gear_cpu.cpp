@@ -327,15 +327,99 @@ bool select_chunks(const float* x, int32_t hi, int32_t lo, bool magnitude, int32
   }
   return true;
 }
+
+// select_chunks for entries that came from float16 / bfloat16 (their float32 mantissas end in at
+// least 13 zero bits) and at most 2 largest and 1 smallest: each entry's position (< 16 * C
+// <= 128) goes into those 7 low bits, so every key is distinct, carries its position, and
+// keys of different values order as the values. The picks then come from lane-wise
+// trees and one reduction each, with no search for where they are; a tie fails as in
+// select_chunks, found by comparing the values of the next key on each side.
+template <int C>
+bool select_stashed(const float* x, int32_t hi, int32_t lo, bool magnitude, int32_t* picked) {
+  static_assert(C == 4 || C == 8, "64 or 128 entries");
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 key[C];
+  for (int c = 0; c < C; ++c) {
+    __m512i bits = _mm512_loadu_si512(x + 16 * c);
+    if (magnitude) bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+    key[c] = _mm512_castsi512_ps(
+        _mm512_or_si512(bits, _mm512_add_epi32(lane, _mm512_set1_epi32(16 * c))));
+  }
+  auto bits_of = [](float k) {
+    uint32_t b;
+    std::memcpy(&b, &k, 4);
+    return b;
+  };
+  auto value = [&](float k) {  // the entry's own value: the position bits cleared
+    const uint32_t b = bits_of(k) & ~uint32_t(0x7f);
+    float v;
+    std::memcpy(&v, &b, 4);
+    return v;
+  };
+  auto at = [&](float k) { return int32_t(bits_of(k) & 0x7f); };
+  // lane-wise largest and second largest (smallest and second smallest), as trees
+  __m512 first[C / 2], second[C / 2], least[C / 2], next[C / 2];
+  for (int c = 0; c < C / 2; ++c) {
+    first[c] = _mm512_max_ps(key[2 * c], key[2 * c + 1]);
+    second[c] = _mm512_min_ps(key[2 * c], key[2 * c + 1]);
+    least[c] = second[c];
+    next[c] = first[c];
+  }
+  for (int w = C / 4; w >= 1; w /= 2)
+    for (int c = 0; c < w; ++c) {
+      second[c] = _mm512_max_ps(_mm512_min_ps(first[c], first[c + w]),
+                                _mm512_max_ps(second[c], second[c + w]));
+      first[c] = _mm512_max_ps(first[c], first[c + w]);
+      next[c] = _mm512_min_ps(_mm512_max_ps(least[c], least[c + w]),
+                              _mm512_min_ps(next[c], next[c + w]));
+      least[c] = _mm512_min_ps(least[c], least[c + w]);
+    }
+  auto lane_of = [&](float k) { return __mmask16(1u << (at(k) & 15)); };
+  if (hi) {
+    const float t1 = _mm512_reduce_max_ps(first[0]);
+    const float t2 = _mm512_reduce_max_ps(_mm512_mask_blend_ps(lane_of(t1), first[0], second[0]));
+    picked[0] = at(t1);
+    if (!(value(t2) < value(t1))) return false;
+    if (hi == 2) {
+      float t3;
+      if (lane_of(t1) != lane_of(t2)) {
+        t3 = _mm512_reduce_max_ps(
+            _mm512_mask_blend_ps(lane_of(t1) | lane_of(t2), first[0], second[0]));
+      } else {  // both from one lane, whose third is not kept: the largest key below t2
+        __m512 most = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int c = 0; c < C; ++c)
+          most = _mm512_mask_max_ps(
+              most, _mm512_cmp_ps_mask(key[c], _mm512_set1_ps(t2), _CMP_LT_OQ), most, key[c]);
+        t3 = _mm512_reduce_max_ps(most);
+      }
+      picked[1] = at(t2);
+      if (!(value(t3) < value(t2))) return false;
+    }
+  }
+  if (lo) {
+    const float b1 = _mm512_reduce_min_ps(least[0]);
+    const float b2 = _mm512_reduce_min_ps(_mm512_mask_blend_ps(lane_of(b1), least[0], next[0]));
+    picked[hi] = at(b1);
+    if (!(value(b1) < value(b2))) return false;
+    for (int32_t j = 0; j < hi; ++j)
+      if (picked[j] == picked[hi]) return false;  // the reference would skip it
+  }
+  return true;
+}
 #endif
 
 // One pass for the common case (few outliers, partial_sort regime): the hi largest (of |x| for
 // magnitude) and lo smallest entries, which is partial_sort's order when the best hi + 1 and
 // lo + 1 are strictly ordered and the smallest do not reach the largest. False otherwise.
+// stashed: the entries came from float16 / bfloat16 (select_stashed applies).
 bool scan_vector(const float* x, int64_t stride, int64_t len, int32_t hi, int32_t lo,
-                 bool magnitude, int32_t* picked) {
+                 bool magnitude, bool stashed, int32_t* picked) {
   if (hi > 8 || lo > 8 || hi * 64 > len || lo * 64 > len || hi + lo + 2 > len) return false;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (stashed && hi <= 2 && lo <= 1 && stride == 1) {
+    if (len == 128) return select_stashed<8>(x, hi, lo, magnitude, picked);
+    if (len == 64) return select_stashed<4>(x, hi, lo, magnitude, picked);
+  }
   if (stride == 1 && len == 128) return select_chunks<8>(x, hi, lo, magnitude, picked);
   if (stride == 1 && len == 64) return select_chunks<4>(x, hi, lo, magnitude, picked);
 #endif
@@ -360,11 +444,12 @@ bool scan_vector(const float* x, int64_t stride, int64_t len, int32_t hi, int32_
   return true;
 }
 
-// Picks the outliers of one vector (len entries of x at stride) as outliers.extract_outliers.
+// Picks the outliers of one vector (len entries of x at stride) as outliers.extract_outliers;
+// stashed as in scan_vector.
 void pick_vector(const float* x, int64_t stride, int64_t len, int32_t hi, int32_t lo,
-                 bool magnitude, int32_t* picked, std::vector<float>& key,
+                 bool magnitude, bool stashed, int32_t* picked, std::vector<float>& key,
                  std::vector<Pair>& queue) {
-  if (scan_vector(x, stride, len, hi, lo, magnitude, picked)) return;
+  if (scan_vector(x, stride, len, hi, lo, magnitude, stashed, picked)) return;
   key.resize(len);
   for (int64_t i = 0; i < len; ++i) key[i] = magnitude ? std::fabs(x[i * stride]) : x[i * stride];
   topk(key.data(), len, hi, true, picked, queue);
@@ -1148,7 +1233,7 @@ int gear_compress(const CompressArgs* a) {
     Buffer<uint8_t> mask(nd), code(nd);
     Buffer<float> lo(groups * other), hi(groups * other), zf(groups * other),
         sf(groups * other), inv(groups * other);
-    std::vector<int32_t> picked(std::max<int32_t>(k, 1));
+    std::vector<int32_t> picked(std::max<int64_t>(k * vectors, 1));
     std::vector<Pair> queue;
     Buffer<float> q(a->rank * n), z(a->rank * d), omega_t(a->rank * d), tau(a->rank + 1),
         scratch(std::max(n, d)), low_q(a->lower * n), low_p(a->lower * d);
@@ -1168,15 +1253,19 @@ int gear_compress(const CompressArgs* a) {
       std::fill(mask.begin(), mask.end(), 0);
       if (k > 0) {
         const int64_t vstride = out_channel ? d : 1, step = out_channel ? 1 : d;
-        for (int64_t v = 0; v < vectors; ++v) {
+        // every vector's picks first, then their stores: the selections do not wait on the
+        // stores, whose addresses come at the end of each selection's chain
+        for (int64_t v = 0; v < vectors; ++v)
           pick_vector(x.data() + v * step, vstride, vec_len, out_hi, out_lo, magnitude,
-                      picked.data(), key, queue);
+                      a->dtype != F32, picked.data() + v * k, key, queue);
+        for (int64_t v = 0; v < vectors; ++v) {
           for (int32_t j = 0; j < k; ++j) {
-            const int64_t pos = out_channel ? int64_t(picked[j]) * d + v : v * d + picked[j];
+            const int32_t at = picked[v * k + j];
+            const int64_t pos = out_channel ? int64_t(at) * d + v : v * d + at;
             const int64_t slot = out_channel ? m * k * d + int64_t(j) * d + v
                                              : (m * n + v) * k + j;
             mask[pos] = 1;
-            store_index(out_index, index_bytes, slot, picked[j]);
+            store_index(out_index, index_bytes, slot, at);
             char* value = out_values + slot * esize;
             if (esize == 2) std::memcpy(value, src + pos * 2, 2);  // fixed sizes: no call
             else std::memcpy(value, src + pos * 4, 4);
