@@ -13,7 +13,11 @@ values of one layer (``[batch, kv_heads, seq, head_dim]`` float16) are
   and Triton are present.
 
 Throughput is GB/s of float16 input (``bytes of K and V / best seconds``), for the copy too,
-so ``% copy`` is the share of a plain copy's speed (the copy moves twice these bytes).
+so ``% copy`` is the share of a plain copy's speed (the copy moves twice these bytes). Every
+measurement times the copy alongside, in alternating rounds (``seconds``): a row's ``copy
+GB/s`` is the best copy of its own rounds and its ratios use it, so that a slow stretch of a
+shared machine weighs on both sides of a ratio alike; the ``copy`` row is the best copy of
+the shape.
 Targets (issues 3, 7 and 17): on CPU >= 10 % of copy (compression) and >= 20 %
 (decompression); fused on GPU >= 25 % (compression), >= 40 % (decompression) and >= 50x torch,
 for 2-bit GEAR, G = 64, s = 2 %, r = 2, n_b = 64 (the ``gear-2bit`` row).
@@ -25,10 +29,11 @@ for 2-bit GEAR, G = 64, s = 2 %, r = 2, n_b = 64 (the ``gear-2bit`` row).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,7 @@ from gear_lab.models import cache_dir, resolve_device
 
 TARGET = "gear-2bit"
 BLOCK = 64
+ROUNDS = 4  # alternating rounds per measurement (see seconds)
 
 
 def configs(quick: bool) -> dict[str, CompressionConfig]:
@@ -99,30 +105,43 @@ def smollm2_layer(dump: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def seconds(
-    fn: Callable[[], object],
+    fns: Sequence[Callable[[], object]],
     device: torch.device,
     budget: float,
     reps: int,
     clock: Callable[[], float] = time.perf_counter,
-) -> float:
-    """Best time of ``fn`` on ``clock`` (wall time by default) after one warm-up call (compiles
-    kernels): at least 2, at most ``reps`` timed calls, stopping once ``budget`` wall seconds
-    are spent. The best, not the median, because shared machines add noise only upwards."""
+    rounds: int = ROUNDS,
+) -> list[float]:
+    """Best time of each of ``fns`` on ``clock`` (wall time by default), measured in ``rounds``
+    alternating rounds: per round each fn is called once untimed (compiles kernels, warms its
+    caches; skipped after a first call slower than a round's budget) and then timed back to
+    back, at most ``reps // rounds`` times and until ``budget / rounds`` wall seconds are spent
+    (at least once). A slow stretch of a shared machine so falls on all of them alike, not on
+    whichever ran then. The best, not the median, because shared machines add noise only
+    upwards."""
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget):
-        t0 = clock()
-        fn()
-        sync()
-        times.append(clock() - t0)
-    return min(times)
+    best = [math.inf] * len(fns)
+    slow = [False] * len(fns)
+    per_round, share = max(1, reps // rounds), budget / rounds
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            if not slow[i]:
+                start = time.perf_counter()
+                fn()
+                sync()
+                slow[i] = time.perf_counter() - start > share
+            start, calls = time.perf_counter(), 0
+            while calls < per_round and (calls < 1 or time.perf_counter() - start < share):
+                t0 = clock()
+                fn()
+                sync()
+                best[i] = min(best[i], clock() - t0)
+                calls += 1
+    return best
 
 
 @dataclass
@@ -143,6 +162,7 @@ class Row:
             self.shape,
             self.method,
             self.impl,
+            f"{self.copy_gbs:8.3f}",
             f"{self.comp_gbs:8.3f}",
             pct(self.comp_gbs),
             f"{self.decomp_gbs:8.3f}",
@@ -156,6 +176,7 @@ HEADER = [
     "shape",
     "method",
     "impl",
+    "copy GB/s",
     "comp GB/s",
     "% copy",
     "decomp GB/s",
@@ -183,8 +204,16 @@ def bench_shape(
         dk.copy_(k)
         dv.copy_(v)
 
-    copy_gbs = gbytes / seconds(copy, device, budget, reps, clock)
-    rows = [Row(name, "copy", "torch", copy_gbs, copy_gbs, 16.0, copy_gbs)]
+    copy_best = math.inf
+
+    def paired(fn: Callable[[], object]) -> tuple[float, float]:
+        """Best seconds of fn and of the copy, timed in alternating rounds."""
+        nonlocal copy_best
+        t_copy, t_fn = seconds([copy, fn], device, budget, reps, clock)
+        copy_best = min(copy_best, t_copy)
+        return t_fn, t_copy
+
+    rows = []
     impls = [("torch", on_reference(compress), on_reference(lambda c: c.decompress())), *fast]
     for method, cfg in cfgs.items():
         torch_comp = None
@@ -194,17 +223,12 @@ def bench_shape(
             except GearLabError as err:  # the fused kernel covers a subset of settings
                 print(f"  {name} {method} {impl}: skipped ({err})", file=sys.stderr)
                 continue
-            t_comp = seconds(
-                lambda cfg=cfg, f=comp_fn: (f(k, cfg, kind="keys"), f(v, cfg, kind="values")),
-                device,
-                budget,
-                reps,
-                clock,
+            t_comp, copy_comp = paired(
+                lambda cfg=cfg, f=comp_fn: (f(k, cfg, kind="keys"), f(v, cfg, kind="values"))
             )
-            t_dec = seconds(
-                lambda ck=ck, cv=cv, f=decomp_fn: (f(ck), f(cv)), device, budget, reps, clock
-            )
+            t_dec, copy_dec = paired(lambda ck=ck, cv=cv, f=decomp_fn: (f(ck), f(cv)))
             bits = 8 * (ck.nbytes + cv.nbytes) / (ck.numel + cv.numel)
+            copy_gbs = gbytes / min(copy_comp, copy_dec)
             row = Row(name, method, impl, gbytes / t_comp, gbytes / t_dec, bits, copy_gbs)
             if impl == "torch":
                 torch_comp = row.comp_gbs
@@ -212,7 +236,8 @@ def bench_shape(
                 row.torch_comp = torch_comp
             rows.append(row)
             print(" | ".join(row.cells()), file=sys.stderr, flush=True)
-    return rows
+    best = gbytes / copy_best
+    return [Row(name, "copy", "torch", best, best, 16.0, best), *rows]
 
 
 def on_reference(fn: Callable) -> Callable:
@@ -258,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = args.budget if args.budget is not None else (0.5 if args.quick else 2.0)
-    # as many timed calls as the copy gets (its best of 20 is the baseline): best-of-5 against
-    # best-of-20 understated fast methods on a noisy machine; --quick only shortens the budget,
-    # which stops slow calls early
+    # as many timed calls as the copy gets (its best of 20 is the baseline), in ROUNDS rounds:
+    # best-of-5 against best-of-20 understated fast methods on a noisy machine; --quick only
+    # shortens the budget, which stops slow calls early
     reps = 20
     reason = fused_unavailable_reason(device)
     if device.type != "cuda":
