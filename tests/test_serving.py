@@ -3,25 +3,16 @@ gear_lab.serving in its own process."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_module import load_benchmark
 
 from gear_lab.errors import CacheError, ConfigError
 from gear_lab.serving import Workload, interleaved_speed, probe
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
-
 
 @pytest.fixture(scope="module")
 def serving():
-    spec = importlib.util.spec_from_file_location("serving_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serving")
 
 
 @pytest.mark.parametrize(

@@ -3,27 +3,19 @@ rounds: checked with a fake clock (call order, bests, warm-ups) and by one short
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from benchmark_module import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
 
 
-def _speed():
-    spec = importlib.util.spec_from_file_location("speed_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_seconds_alternates_rounds_and_keeps_each_best(monkeypatch) -> None:
-    speed = _speed()
+    speed = load_benchmark("speed")
     now, calls = [0.0], []
     monkeypatch.setattr(speed.time, "perf_counter", lambda: now[0])  # budgets run on it too
 
